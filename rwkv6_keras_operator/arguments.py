@@ -1,0 +1,148 @@
+"""Checking and normalising the operator's arguments.
+
+Every check names the argument and what was expected. Shapes are checked wherever they are known (also while
+tracing); the range of `state_map` is checked when its values are known, i.e. outside jax.jit, tf.function,
+torch.compile and CUDA-graph capture.
+"""
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+from keras import ops
+
+INPUT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Engine-ready arguments: r, k, v, w as (B, T, H, N); u (H, N) float32; s0 (B, H, N, N) float32 or None."""
+
+    r: object
+    k: object
+    v: object
+    w: object
+    u: object
+    s0: object
+    shape: tuple  # (B, T, C) of the inputs
+
+
+def _dtype(x):
+    return keras.backend.standardize_dtype(x.dtype)
+
+
+def _is_float(dtype):
+    return "float" in dtype
+
+
+def _values(x):
+    """NumPy values of a backend tensor, or None while tracing (no host sync is forced there)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        if isinstance(x, jax.core.Tracer):
+            return None
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            return None
+    elif backend == "torch":
+        import torch
+
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+    return ops.convert_to_numpy(x)
+
+
+def _inputs(head_size, r, k, v, w):
+    tensors = {}
+    for name, x in (("r", r), ("k", k), ("v", v), ("w", w)):
+        if x is None:
+            raise TypeError(f"`{name}` is required: a (batch, time, channels) float tensor; got None.")
+        x = ops.convert_to_tensor(x)
+        if len(x.shape) != 3:
+            raise ValueError(f"`{name}` must have shape (batch, time, channels); got shape {tuple(x.shape)}.")
+        if _dtype(x) not in INPUT_DTYPES:
+            raise TypeError(f"`{name}` must be one of {', '.join(INPUT_DTYPES)}; got dtype {_dtype(x)}.")
+        tensors[name] = x
+    shape, dtype = tuple(tensors["r"].shape), _dtype(tensors["r"])
+    for name in "kvw":
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"`{name}` must have the shape of `r`, {shape}; got {tuple(tensors[name].shape)}.")
+        if _dtype(tensors[name]) != dtype:
+            raise TypeError(f"`{name}` must have the dtype of `r`, {dtype}; got {_dtype(tensors[name])}.")
+    B, T, C = shape
+    if T is not None and T < 1:
+        raise ValueError(f"`r` must hold at least one time step; got shape {shape}.")
+    if C is None or C % head_size:
+        raise ValueError(f"The channel size of `r` ({C}) must be a multiple of head_size ({head_size}).")
+    return tensors, shape
+
+
+def _float_tensor(name, x, expected):
+    x = ops.convert_to_tensor(x)
+    if not _is_float(_dtype(x)):
+        raise TypeError(f"`{name}` must be a float tensor of shape {expected}; got dtype {_dtype(x)}.")
+    return x
+
+
+def _bonus(u, H, N):
+    if u is None:
+        raise TypeError(f"`u` is required: a float tensor of shape ({H}, {N}) or ({H * N},); got None.")
+    u = _float_tensor("u", u, f"({H}, {N}) or ({H * N},)")
+    if tuple(u.shape) not in ((H, N), (H * N,)):
+        raise ValueError(f"`u` must have shape ({H}, {N}) or ({H * N},); got {tuple(u.shape)}.")
+    return ops.reshape(ops.cast(u, "float32"), (H, N))
+
+
+def _start_state(init_state, state_map, B, H, N):
+    """(B, H, N, N) float32 start states from init_state and state_map, or None for zeros."""
+    expected = f"(n, {H}, {N}, {N}) or ({H}, {N}, {N})"
+    if init_state is None:
+        if state_map is not None:
+            raise ValueError("`state_map` was given without `init_state`: it maps rows to rows of init_state.")
+        return None
+    init_state = _float_tensor("init_state", init_state, expected)
+    shape = tuple(init_state.shape)
+    if len(shape) == 3:
+        init_state, shape = ops.expand_dims(init_state, 0), (1, *shape)
+    if len(shape) != 4 or shape[1:] != (H, N, N):
+        raise ValueError(f"`init_state` must have shape {expected}; got {tuple(init_state.shape)}.")
+    states = ops.cast(init_state, "float32")
+    n = shape[0]
+    if state_map is None:
+        if n == 1:
+            return ops.broadcast_to(states, (B, H, N, N))
+        if n == B:
+            return states
+        raise ValueError(
+            f"`init_state` holds {n} states for a batch of {B}: pass `state_map` (B ints in [0, {n})) to say "
+            "which state each row starts from, or give 1 state (shared) or B states (one per row).")
+    if isinstance(state_map, (list, tuple, np.ndarray)):
+        state_map = np.asarray(state_map)
+        if state_map.dtype.kind not in "iu":
+            raise TypeError(f"`state_map` must hold integers; got dtype {state_map.dtype}.")
+    else:
+        state_map = ops.convert_to_tensor(state_map)
+        if "int" not in _dtype(state_map):
+            raise TypeError(f"`state_map` must hold integers; got dtype {_dtype(state_map)}.")
+    if tuple(state_map.shape) != (B,):
+        raise ValueError(f"`state_map` must have shape ({B},) (one index per batch row); got {tuple(state_map.shape)}.")
+    values = state_map if isinstance(state_map, np.ndarray) else _values(state_map)
+    if values is not None and n is not None and values.size and (values.min() < 0 or values.max() >= n):
+        raise ValueError(f"`state_map` values must lie in [0, {n}) (init_state holds {n} states); "
+                         f"got values in [{values.min()}, {values.max()}].")
+    return ops.take(states, ops.cast(state_map, "int32"), axis=0)
+
+
+def prepare(head_size, r, k, v, w, u, init_state=None, state_map=None):
+    tensors, (B, T, C) = _inputs(head_size, r, k, v, w)
+    H, N = C // head_size, head_size
+    as_heads = lambda x: ops.reshape(x, (-1 if B is None else B, -1 if T is None else T, H, N))  # noqa: E731
+    return Prepared(
+        *(as_heads(tensors[name]) for name in "rkvw"),
+        u=_bonus(u, H, N),
+        s0=_start_state(init_state, state_map, B, H, N),
+        shape=(B, T, C),
+    )

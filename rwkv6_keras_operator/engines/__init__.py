@@ -1,0 +1,60 @@
+"""Engine discovery and dispatch.
+
+An engine is a sub-package here exposing
+
+    NAME: str
+    BACKEND: the Keras backend it runs under ("any" for the portable engine)
+    is_available() -> bool          # can run on this machine at all (framework, GPU); cheap, cached
+    supports(r, head_size) -> bool  # can take these concrete tensors (device, head size); may warn once
+    wkv(r, k, v, w, u, s0) -> (y, state)
+
+with r, k, v, w: (B, T, H, N) backend tensors of one float dtype, u: (H, N) float32, s0: (B, H, N, N)
+float32 or None (zeros); y: (B, T, H, N) in r's dtype, state: the (B, H, N, N) float32 state after the last
+step. Gradients flow to all six inputs (through the framework's autodiff or the engine's own backward) and
+through the returned state. Engines are imported only when their backend is the active one.
+"""
+import importlib
+import os
+
+import keras
+
+# Read once, at import (as documented): OPS_KERNEL=1 routes every call to the portable engine.
+FORCE_PORTABLE = os.environ.get("OPS_KERNEL", "0").strip().lower() in ("1", "true", "yes", "on")
+
+# GPU engines in order of preference, per backend: (backend, module under this package).
+GPU_ENGINES = (("torch", "triton"), ("jax", "pallas"))
+
+
+def _engine(name):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def portable():
+    return _engine("portable")
+
+
+def gpu_engines(backend=None):
+    """The GPU engines of `backend` (default: the active one) that can run on this machine."""
+    backend = backend or keras.backend.backend()
+    found = []
+    for engine_backend, name in GPU_ENGINES:
+        if engine_backend == backend:
+            engine = _engine(name)
+            if engine.is_available():
+                found.append(engine)
+    return found
+
+
+def available():
+    """Every engine that can run here under the active backend, portable last."""
+    return [*gpu_engines(), portable()]
+
+
+def select(r, head_size, ops_loop):
+    """The engine for one call: OPS_KERNEL and ops_loop (for T == 1) pick the portable engine."""
+    if FORCE_PORTABLE or (ops_loop and r.shape[1] == 1):
+        return portable()
+    for engine in gpu_engines():
+        if engine.supports(r, head_size):
+            return engine
+    return portable()

@@ -1,0 +1,115 @@
+"""The chunked WKV forward in `keras.ops`: runs, and differentiates, on jax, torch and tensorflow.
+
+The math is written down in docs/math.md; in short, per (batch, head) and with g = -exp(w) <= 0:
+
+* The sequence is cut into chunks of L = 2^K tokens. Inside a chunk, the pair (t, s), s < t, carries the
+  weight exp(sum_{s<j<t} g_j) <= 1. A binary tree splits every block of 2h positions into an upper half U
+  and a lower half D; for t in D and s in U the exponent splits at the boundary between the halves:
+
+      sum_{s<j<t} g_j = suf_h(s) + pre_h(t)
+
+  where pre_h(t) sums g over D's positions before t and suf_h(s) over U's positions after s. Both are
+  <= 0 and each is a direct sum over a contiguous range (built level by level from the finer one, never a
+  difference of prefix sums), so nothing overflows and nothing cancels. The pair block of that level is a
+  matrix product: (r_D * exp(pre_h)) @ (k_U * exp(suf_h))^T, times v_U.
+* Across chunks the state is carried by a scan: S <- exp(G_L) * S + sum_s (k_s * exp(suf_L(s))) v_s^T,
+  and each token reads the state at its chunk's start through r_t * exp(pre_L(t)).
+
+All of it runs in float32 whatever the input dtype. `w` is clamped at W_MAX before exp(w): beyond it the
+decay exp(-exp(w)) is exactly 0.0 in float32 either way, and -inf (from exp(+100)) never appears.
+"""
+from keras import ops
+
+# exp(-exp(60)) underflows to exactly 0 in float32, as does the true decay for any larger w; the clamp only
+# keeps g = -exp(w) finite (g >= -1.1e26, so sums of a chunk of them stay finite too).
+W_MAX = 60.0
+CHUNK = 32
+UNROLL = 8
+
+
+def chunk_length(T, chunk=CHUNK):
+    """Power of two <= chunk that covers short sequences without padding to a whole chunk."""
+    L = 1
+    while L < min(T, chunk):
+        L *= 2
+    return L
+
+
+def log_decay(w):
+    """g = -exp(w) in float32, finite for any w (see W_MAX)."""
+    return -ops.exp(ops.minimum(ops.cast(w, "float32"), W_MAX))
+
+
+def _tree_intra(r, k, v, d):
+    """Intra-chunk part, all chunks at once. r, k, v: (M, L, N) float32; d = exp(g): (M, L, N).
+
+    Returns y_intra (M, L, N) and, for the chunk as a whole, the decay products over the positions before
+    each token (pre), after each token (suf) and over the chunk (tot, (M, 1, N)). Every product is built
+    from products over whole halves, so each factor is <= 1 and each is exact to a few ulps.
+    """
+    M, L, N = ops.shape(r)
+    y = ops.zeros_like(r)
+    pre = ops.ones_like(d)   # product of d over the block's positions before t (h = 1: empty)
+    suf = ops.ones_like(d)   # ... after t
+    tot = d                  # ... over the whole block
+    h = 1
+    while h < L:
+        nb = L // (2 * h)
+        r5, k5, v5, pre5, suf5, tot5 = (ops.reshape(x, (M, nb, 2, h, N)) for x in (r, k, v, pre, suf, tot))
+        # pair block of this level: t in the lower half, s in the upper half
+        rq = r5[:, :, 1] * pre5[:, :, 1]
+        kq = k5[:, :, 0] * suf5[:, :, 0]
+        a = ops.einsum("bxtn,bxsn->bxts", rq, kq)
+        y_dn = ops.einsum("bxts,bxsn->bxtn", a, v5[:, :, 0])
+        y = y + ops.reshape(ops.stack([ops.zeros_like(y_dn), y_dn], axis=2), (M, L, N))
+        # grow the products to blocks of 2h: each half takes in the other half's total on its far side
+        tot_up, tot_dn = tot5[:, :, 0, :1], tot5[:, :, 1, :1]
+        pre = ops.reshape(ops.stack([pre5[:, :, 0], pre5[:, :, 1] * tot_up], axis=2), (M, L, N))
+        suf = ops.reshape(ops.stack([suf5[:, :, 0] * tot_dn, suf5[:, :, 1]], axis=2), (M, L, N))
+        tot = ops.reshape(ops.broadcast_to(ops.expand_dims(tot_up * tot_dn, 2), (M, nb, 2, h, N)), (M, L, N))
+        h *= 2
+    return y, pre, suf, tot[:, :1]
+
+
+def chunked_wkv(r, k, v, w, u, s0, chunk=CHUNK):
+    """y, final state of the WKV recurrence. r, k, v, w: (B, T, H, N); u: (H, N); s0: (B, H, N, N) or None.
+
+    Returns y (B, T, H, N) in r's dtype and the float32 state after the last step (B, H, N, N).
+    """
+    B, T, H, N = ops.shape(r)
+    dtype = r.dtype
+    if s0 is None:
+        s0 = ops.zeros((B, H, N, N), "float32")
+    L = chunk_length(T, chunk)
+    nc = -(-T // L)
+    pad = nc * L - T
+    f32 = lambda x: ops.cast(x, "float32")  # noqa: E731
+    r, k, v, d = f32(r), f32(k), f32(v), ops.exp(log_decay(w))
+    u = f32(u)
+    bonus = ops.sum(r * u * k, axis=-1, keepdims=True) * v  # the diagonal t = s: u replaces the state
+    if pad:
+        # padded steps: zero keys/values add nothing, decay 1 leaves the state alone
+        r, k, v = (ops.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (r, k, v))
+        d = ops.pad(d, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=1.0)
+
+    def to_chunks(x):  # (B, T, H, N) -> (B*H*nc, L, N)
+        x = ops.transpose(ops.reshape(x, (B, nc, L, H, N)), (0, 3, 1, 2, 4))
+        return ops.reshape(x, (B * H * nc, L, N))
+
+    rc, kc, vc, dc = map(to_chunks, (r, k, v, d))
+    y_intra, pre, suf, tot = _tree_intra(rc, kc, vc, dc)
+
+    # the chunk's own contribution to the state, and its decay
+    kv = ops.einsum("mln,mlj->mnj", kc * suf, vc)              # (M, N, N)
+    kv = ops.transpose(ops.reshape(kv, (B, H, nc, N, N)), (2, 0, 1, 3, 4))  # (nc, B, H, N, N)
+    decay = ops.transpose(ops.reshape(tot, (B, H, nc, N, 1)), (2, 0, 1, 3, 4))
+
+    def step(state, xs):
+        d, contrib = xs
+        return d * state + contrib, state
+
+    s_last, s_starts = ops.scan(step, s0, (decay, kv), unroll=UNROLL)                  # s_starts: (nc, B, H, N, N)
+    s_starts = ops.reshape(ops.transpose(s_starts, (1, 2, 0, 3, 4)), (B * H * nc, N, N))
+    y = y_intra + ops.einsum("mli,mij->mlj", rc * pre, s_starts)
+    y = ops.transpose(ops.reshape(y, (B, H, nc * L, N)), (0, 2, 1, 3))[:, :T]
+    return ops.cast(y + bonus, dtype), s_last

@@ -1,0 +1,18 @@
+"""One step of the WKV recurrence in `keras.ops` (T == 1: generation with a carried state)."""
+from keras import ops
+
+from .chunked import log_decay
+
+
+def step_wkv(r, k, v, w, u, s0):
+    """r, k, v, w: (B, 1, H, N); u: (H, N); s0: (B, H, N, N) float32 or None. Returns y (B, 1, H, N), state."""
+    dtype = r.dtype
+    r, k, v = (ops.cast(x[:, 0], "float32") for x in (r, k, v))
+    kv = k[..., :, None] * v[..., None, :]                          # (B, H, N, N)
+    state = ops.cast(u, "float32")[..., None] * kv
+    if s0 is not None:
+        state = state + s0
+    y = ops.einsum("bhi,bhij->bhj", r, state)
+    decay = ops.exp(log_decay(w[:, 0]))[..., None]
+    s1 = kv if s0 is None else decay * s0 + kv
+    return ops.cast(y[:, None], dtype), s1

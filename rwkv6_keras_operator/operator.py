@@ -1,0 +1,50 @@
+"""The public operator: RWKVKernelOperator(head_size, max_sequence_length, ops_loop=False)."""
+from keras import ops
+
+from . import engines
+from .arguments import prepare
+
+
+class RWKVKernelOperator:
+    """The RWKV6 ("Finch") WKV operator for Keras 3, under the jax, torch or tensorflow backend.
+
+    Per head, with the state S (N x N, key x value) read before each step and then updated:
+
+        y_t = r_t @ (diag(u) k_t v_t^T + S),    S <- diag(exp(-exp(w_t))) S + k_t v_t^T
+
+    Args:
+        head_size: N, the size of one head; the channel count C of the inputs is H * N.
+        max_sequence_length: accepted for compatibility with rwkv6-keras-operator 1.0; unused (there is no
+            length limit).
+        ops_loop: if True, calls with a single time step (T == 1) run the portable Keras-ops engine.
+
+    Call: `op(r, k, v, w, u, with_state=False, init_state=None, state_map=None) -> (y, state or None)`
+        r, k, v, w: (B, T, C), one float dtype (float32, bfloat16 or float16); w is the raw decay parameter.
+        u: (H, N) or (C,), any float dtype.
+        init_state: (n, H, N, N) or (H, N, N); the start state of each row: n == 1 is shared by all rows,
+            n == B gives one per row, any n works with state_map. Used whenever given, also with
+            with_state=False. Gradients flow to it.
+        state_map: B ints (list, NumPy or backend tensor): row b starts from init_state[state_map[b]].
+        Returns y (B, T, C) in the dtype of r, and with_state=True the float32 state after the last step,
+            (B, H, N, N), else None.
+
+    The object holds no mutable state: one instance may be called from several threads.
+    """
+
+    def __init__(self, head_size, max_sequence_length=None, ops_loop=False):
+        if not isinstance(head_size, int) or isinstance(head_size, bool) or head_size < 1:
+            raise ValueError(f"`head_size` must be a positive int; got {head_size!r}.")
+        self.head_size = head_size
+        self.max_sequence_length = max_sequence_length
+        self.ops_loop = bool(ops_loop)
+
+    def __call__(self, r, k, v, w, u, with_state=False, init_state=None, state_map=None):
+        args = prepare(self.head_size, r, k, v, w, u, init_state, state_map)
+        engine = engines.select(args.r, self.head_size, self.ops_loop)
+        y, state = engine.wkv(args.r, args.k, args.v, args.w, args.u, args.s0)
+        y = ops.reshape(y, ops.shape(r) if args.shape[0] is None or args.shape[1] is None else args.shape)
+        return y, (state if with_state else None)
+
+    def __repr__(self):
+        return (f"RWKVKernelOperator(head_size={self.head_size}, "
+                f"max_sequence_length={self.max_sequence_length}, ops_loop={self.ops_loop})")

@@ -1,0 +1,87 @@
+"""The float64 NumPy oracle: the WKV recurrence step by step, forward and backward.
+
+Per batch row b and head h, with S the (N, N) state, i over keys and j over values:
+
+    y_t[j]  = sum_i r_t[i] * (u[i] * k_t[i] * v_t[j] + S[i, j])      (reads S before step t)
+    S[i, j] = exp(-exp(w_t[i])) * S[i, j] + k_t[i] * v_t[j]
+
+Every engine is tested against these two functions. They take NumPy-convertible arrays of any float dtype
+(values are used exactly as given, after conversion to float64) and are slow: tests use small shapes.
+"""
+import numpy as np
+
+
+def _start_states(init_state, state_map, B, H, N):
+    if init_state is None:
+        return np.zeros((B, H, N, N))
+    s = np.asarray(init_state, dtype=np.float64).reshape(-1, H, N, N)
+    if state_map is None:
+        state_map = np.zeros(B, np.int64) if s.shape[0] == 1 else np.arange(B)
+    return s[np.asarray(state_map)].copy()
+
+
+def _split(r, k, v, w, u, head_size):
+    r, k, v, w = (np.asarray(a, dtype=np.float64) for a in (r, k, v, w))
+    B, T, C = r.shape
+    H = C // head_size
+    heads = (a.reshape(B, T, H, head_size) for a in (r, k, v, w))
+    return (B, T, H), *heads, np.asarray(u, dtype=np.float64).reshape(H, head_size)
+
+
+def wkv_reference(r, k, v, w, u, head_size, init_state=None, state_map=None):
+    """y (B, T, C) and the state after the last step (B, H, N, N), both float64."""
+    (B, T, H), r, k, v, w, u = _split(r, k, v, w, u, head_size)
+    S = _start_states(init_state, state_map, B, H, head_size)
+    with np.errstate(over="ignore"):
+        decay = np.exp(-np.exp(w))
+    y = np.empty_like(r)
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]
+        y[:, t] = np.einsum("bhi,bhij->bhj", r[:, t], u[None, :, :, None] * kv + S)
+        S = decay[:, t, :, :, None] * S + kv
+    return y.reshape(B, T, H * head_size), S
+
+
+def wkv_reference_grads(r, k, v, w, u, head_size, dy, dstate=None, init_state=None, state_map=None):
+    """Gradients of sum(y * dy) + sum(state * dstate), float64, by reverse-mode through the recurrence.
+
+    Returns a dict with r, k, v, w (B, T, C), u (in the shape it was given) and init_state (in the shape it
+    was given; rows that share an index through state_map add up), or init_state None when none was given.
+    """
+    u_shape = np.shape(u)
+    (B, T, H), r, k, v, w, u = _split(r, k, v, w, u, head_size)
+    N = head_size
+    dy = np.asarray(dy, dtype=np.float64).reshape(B, T, H, N)
+    with np.errstate(over="ignore"):
+        g = -np.exp(w)                    # d decay / d w = decay * g; 0 where the decay is 0 (g may be -inf)
+    decay = np.exp(g)
+    decay_times_g = np.where(decay > 0, decay * g, 0.0)
+    # forward, keeping the state before every step
+    states = np.empty((T + 1, B, H, N, N))
+    states[0] = _start_states(init_state, state_map, B, H, N)
+    for t in range(T):
+        states[t + 1] = decay[:, t, :, :, None] * states[t] + k[:, t, :, :, None] * v[:, t, :, None, :]
+    dS = np.zeros((B, H, N, N)) if dstate is None else np.asarray(dstate, dtype=np.float64).copy()
+    dr, dk, dv, dw = (np.empty_like(r) for _ in range(4))
+    du = np.zeros((H, N))
+    for t in reversed(range(T)):
+        rt, kt, vt, dyt, S = r[:, t], k[:, t], v[:, t], dy[:, t], states[t]
+        vdy = np.einsum("bhj,bhj->bh", vt, dyt)[..., None]                     # v_t . dy_t
+        dr[:, t] = u * kt * vdy + np.einsum("bhij,bhj->bhi", S, dyt)
+        du += np.sum(rt * kt * vdy, axis=0)
+        # dS currently holds the gradient w.r.t. the state after step t
+        dk[:, t] = rt * u * vdy + np.einsum("bhij,bhj->bhi", dS, vt)
+        dv[:, t] = np.sum(rt * u * kt, axis=-1)[..., None] * dyt + np.einsum("bhij,bhi->bhj", dS, kt)
+        d_decay = np.einsum("bhij,bhij->bhi", dS, S)
+        dw[:, t] = d_decay * decay_times_g[:, t]
+        dS = decay[:, t, :, :, None] * dS + rt[..., None] * dyt[..., None, :]
+    d_init = None
+    if init_state is not None:
+        n = np.asarray(init_state).reshape(-1, H, N, N).shape[0]
+        index = np.asarray(state_map) if state_map is not None else (np.zeros(B, np.int64) if n == 1 else np.arange(B))
+        d_init = np.zeros((n, H, N, N))
+        np.add.at(d_init, index, dS)
+        d_init = d_init.reshape(np.shape(init_state))
+    C = H * N
+    return {"r": dr.reshape(B, T, C), "k": dk.reshape(B, T, C), "v": dv.reshape(B, T, C),
+            "w": dw.reshape(B, T, C), "u": du.reshape(u_shape), "init_state": d_init}
