@@ -1,4 +1,4 @@
-"""Shared test helpers: random inputs, errors against the float64 oracle, tolerances, backend autodiff."""
+"""Shared test helpers: random inputs, errors against the float64 oracle, tolerances."""
 import keras
 import ml_dtypes
 import numpy as np
@@ -43,35 +43,3 @@ def rel_err(got, want):
 
 def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")), np.float64)
-
-
-def grads(fn, args, cotangents):
-    """Gradients of sum(out_i * cot_i) w.r.t. each of `args` (backend tensors) by the backend's autodiff.
-
-    fn(*args) returns a tuple of outputs matching `cotangents` (NumPy arrays; None entries are skipped).
-    Returns the outputs and the gradients as float64 NumPy arrays.
-    """
-    if BACKEND == "jax":
-        import jax
-
-        outs, vjp = jax.vjp(fn, *args)
-        cots = tuple(jax.numpy.zeros(o.shape, o.dtype) if c is None else jax.numpy.asarray(c, o.dtype)
-                     for o, c in zip(outs, cotangents))
-        gs = vjp(cots)
-    elif BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            tape.watch(args)
-            outs = fn(*args)
-            loss = sum(tf.reduce_sum(tf.cast(o, tf.float32) * c) for o, c in zip(outs, cotangents) if c is not None)
-        gs = tape.gradient(loss, args)
-    else:
-        import torch
-
-        args = [a.detach().requires_grad_(True) for a in args]
-        outs = fn(*args)
-        loss = sum((o.float() * torch.as_tensor(c, device=o.device)).sum() for o, c in zip(outs, cotangents)
-                   if c is not None)
-        gs = torch.autograd.grad(loss, args, allow_unused=True)
-    return [to_numpy(o) for o in outs], [None if g is None else to_numpy(g) for g in gs]

@@ -1,0 +1,5 @@
+import sys
+
+from rwkv6_keras_operator.cli import main
+
+sys.exit(main())

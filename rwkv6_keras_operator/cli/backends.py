@@ -1,0 +1,36 @@
+"""Which Keras backends are installed here, and running a worker module under each (one process each:
+Keras fixes its backend at import)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+BACKENDS = ("jax", "torch", "tensorflow")
+RECORD = "@@record "  # worker lines starting with this carry one JSON record
+
+
+def installed_backends():
+    return [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
+
+
+def emit(**record):
+    """Called in a worker: hand one record to the parent."""
+    print(RECORD + json.dumps(record), flush=True)
+
+
+def run_worker(backend, module, args=(), echo=None):
+    """Run `python -m module *args` with KERAS_BACKEND=backend; return its records (and its exit code).
+
+    Lines that are not records are passed to `echo` (e.g. print) as they come."""
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    records = []
+    for line in proc.stdout:
+        if line.startswith(RECORD):
+            records.append(json.loads(line[len(RECORD):]))
+        elif echo is not None:
+            echo(line.rstrip("\n"))
+    return records, proc.wait()
