@@ -12,6 +12,7 @@ if os.environ.get("KERAS_BACKEND", "").strip().lower() == "pytorch":
     os.environ["KERAS_BACKEND"] = "torch"
 
 from .operator import RWKVKernelOperator  # noqa: E402
+from .layer import RWKVKernelLayer  # noqa: E402
 
 __version__ = "2.0.0.dev0"
-__all__ = ["RWKVKernelOperator", "__version__"]
+__all__ = ["RWKVKernelOperator", "RWKVKernelLayer", "__version__"]
