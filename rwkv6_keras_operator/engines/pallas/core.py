@@ -1,0 +1,177 @@
+"""Pallas plumbing shared by every kernel of this engine, and the in-kernel math of docs/math.md.
+
+Everything that touches the Pallas Triton API (`pallas_call`, `plgpu.load/store`, compiler parameters,
+interpret mode) goes through this module, so that a later move to another Pallas backend stays local.
+
+In-kernel helpers work on jax values inside a kernel body (tiles of at most a few hundred rows) and lower
+both to Triton and to the CPU interpreter (`interpret=True`, used by the tests). The Triton lowering has
+no value slicing, no reverse scan and only 2-D matrix products; everything below sticks to element-wise
+ops, row/column reductions, `iota`, selects and products of 2-D tiles.
+"""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ..portable.chunked import W_MAX
+
+F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
+
+# RWKV6_PALLAS_INTERPRET=1 runs every kernel in the Pallas interpreter (any device; slow). The tests use it
+# on CPU; it also makes the engine selectable on machines without a GPU.
+FORCE_INTERPRET = os.environ.get("RWKV6_PALLAS_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def on_gpu():
+    """A CUDA GPU is jax's default backend (cached: the default backend does not change in a process)."""
+    try:
+        return jax.default_backend() == "gpu" and any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def interpret():
+    """Run the kernels in the interpreter: forced, or no GPU to compile them for."""
+    return FORCE_INTERPRET or not on_gpu()
+
+
+def _params_class():
+    # Renamed from TritonCompilerParams to CompilerParams in jax 0.7; the old name is gone in 0.8.
+    return getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+def call(kernel, *, grid, out_shape, num_warps=4, num_stages=2, name=None, aliases=None):
+    """pallas_call with whole-array refs: each kernel indexes its own tiles by program id."""
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        out_shape=out_shape,
+        compiler_params=_params_class()(num_warps=num_warps, num_stages=num_stages),
+        input_output_aliases=aliases or {},
+        interpret=interpret(),
+        name=name,
+    )
+
+
+program_id = pl.program_id
+ds = pl.ds
+
+
+def load(ref, mask=None):
+    """Load a tile (zeros where `mask` is False), as float32."""
+    if mask is None:
+        return ref[...].astype(F32)
+    return plgpu.load(ref, mask=mask, other=0).astype(F32)
+
+
+def store(ref, value, mask=None):
+    value = value.astype(ref.dtype)
+    if mask is None:
+        ref[...] = value
+    else:
+        plgpu.store(ref, value, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Precision of the products of tiles. A kernel takes one `prec` (a static string) for its main products:
+#   "bf16"/"f16": operands rounded to the input dtype, float32 accumulation (tensor cores, fastest);
+#   "tf32": float32 operands in the tensor cores' tf32 mode (10-bit mantissa);
+#   "tf32x3": three tf32 products that carry float32 accuracy (the float32 path on GPU);
+#   "ieee": exact float32 products (the interpreter's choice for float32).
+# --------------------------------------------------------------------------------------------------------
+def resolve_prec(dtype, mode=None):
+    """The product precision for inputs of `dtype` (mode overrides the default for 16-bit inputs)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return "ieee" if interpret() else "tf32x3"
+    return mode or "tf32"
+
+
+def mm(a, b, prec, ta=False, tb=False):
+    """a @ b (a^T if ta, b^T if tb) in float32, with the products at precision `prec`."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    precision = None
+    if prec in ("bf16", "f16"):
+        lo = BF16 if prec == "bf16" else F16
+        a, b = a.astype(lo), b.astype(lo)
+    elif prec == "tf32x3":
+        precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    elif prec == "ieee":
+        precision = lax.Precision.HIGHEST
+    elif prec != "tf32":
+        raise ValueError(f"unknown product precision {prec!r}")
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decays (docs/math.md, rules 1-4).
+# --------------------------------------------------------------------------------------------------------
+def log_decay(w):
+    """g = -exp(min(w, W_MAX)) <= 0 in float32, finite for every w (w = +100 gives g = -exp(60))."""
+    return -jnp.exp(jnp.minimum(w.astype(F32), W_MAX))
+
+
+def split3(x):
+    """Three bfloat16 tiles whose exact sum is the float32 tile x (8 + 8 + 8 significant bits)."""
+    hi = x.astype(BF16)
+    rest = x - hi.astype(F32)
+    mid = rest.astype(BF16)
+    lo = (rest - mid.astype(F32)).astype(BF16)
+    return hi, mid, lo
+
+
+def masked_sum(mask, parts):
+    """sum_m mask[t, m] * x[m, :] for a 0/1 mask, x given by split3(x).
+
+    Each product is exact (0 or 1 times a bfloat16 value) and accumulates in float32, so the result is a
+    direct sum of exactly the selected terms: for a mask over a contiguous range of g <= 0 that is the sum
+    of rule 1 (no difference of running sums, no cancellation).
+    """
+    m = mask.astype(BF16)
+    hi, mid, lo = parts
+    small = mm(m, lo, "bf16") + mm(m, mid, "bf16")
+    return small + mm(m, hi, "bf16")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Masks over positions of one chunk of L tokens (t, s, m in [0, L)).
+# --------------------------------------------------------------------------------------------------------
+def grid2(L):
+    i = jnp.arange(L, dtype=jnp.int32)
+    return i[:, None], i[None, :]
+
+
+def levels(L):
+    """The tree levels h = 1, 2, 4, ..., L/2 (docs/math.md, "The binary tree inside a chunk")."""
+    h, out = 1, []
+    while h < L:
+        out.append(h)
+        h *= 2
+    return out
+
+
+def before_mask(L, h):
+    """[t, m]: m lies before t inside t's block of h positions (h = L: the whole chunk)."""
+    t, m = grid2(L)
+    return (m < t) & (t // h == m // h)
+
+
+def after_mask(L, h):
+    """[s, m]: m lies after s inside s's block of h positions."""
+    s, m = grid2(L)
+    return (m > s) & (s // h == m // h)
+
+
+def pair_mask(L, h):
+    """[t, s]: the pairs split at level h: t in the lower half, s in the upper half of one 2h-block."""
+    t, s = grid2(L)
+    return (t // (2 * h) == s // (2 * h)) & (t // h != s // h) & (t > s)
+
+
+def diag_mask(L):
+    t, s = grid2(L)
+    return t == s
