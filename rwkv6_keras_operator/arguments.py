@@ -96,8 +96,11 @@ def _bonus(u, H, N):
     return ops.reshape(ops.cast(u, "float32"), (H, N))
 
 
-def _start_state(init_state, state_map, B, H, N):
-    """(B, H, N, N) float32 start states from init_state and state_map, or None for zeros."""
+def _start_state(init_state, state_map, batch, H, N):
+    """(B, H, N, N) float32 start states from init_state and state_map, or None for zeros.
+
+    batch: the batch size, an int or (tracing with an unknown batch) a scalar tensor."""
+    B = batch if isinstance(batch, int) else None
     expected = f"(n, {H}, {N}, {N}) or ({H}, {N}, {N})"
     if init_state is None:
         if state_map is not None:
@@ -112,10 +115,10 @@ def _start_state(init_state, state_map, B, H, N):
     states = ops.cast(init_state, "float32")
     n = shape[0]
     if state_map is None:
+        if n == B or (B is None and n != 1):
+            return states  # one per row (an unknown batch must then match n: checked by the engine's shapes)
         if n == 1:
-            return ops.broadcast_to(states, (B, H, N, N))
-        if n == B:
-            return states
+            return ops.broadcast_to(states, (batch, H, N, N))
         raise ValueError(
             f"`init_state` holds {n} states for a batch of {B}: pass `state_map` (B ints in [0, {n})) to say "
             "which state each row starts from, or give 1 state (shared) or B states (one per row).")
@@ -127,7 +130,7 @@ def _start_state(init_state, state_map, B, H, N):
         state_map = ops.convert_to_tensor(state_map)
         if "int" not in _dtype(state_map):
             raise TypeError(f"`state_map` must hold integers; got dtype {_dtype(state_map)}.")
-    if tuple(state_map.shape) != (B,):
+    if len(state_map.shape) != 1 or (B is not None and state_map.shape[0] not in (None, B)):
         raise ValueError(f"`state_map` must have shape ({B},) (one index per batch row); got {tuple(state_map.shape)}.")
     values = state_map if isinstance(state_map, np.ndarray) else _values(state_map)
     if values is not None and n is not None and values.size and (values.min() < 0 or values.max() >= n):
@@ -139,10 +142,10 @@ def _start_state(init_state, state_map, B, H, N):
 def prepare(head_size, r, k, v, w, u, init_state=None, state_map=None):
     tensors, (B, T, C) = _inputs(head_size, r, k, v, w)
     H, N = C // head_size, head_size
-    as_heads = lambda x: ops.reshape(x, (-1 if B is None else B, -1 if T is None else T, H, N))  # noqa: E731
+    batch, time = ops.shape(tensors["r"])[:2]  # ints, or scalar tensors for dims unknown while tracing
     return Prepared(
-        *(as_heads(tensors[name]) for name in "rkvw"),
+        *(ops.reshape(tensors[name], (batch, time, H, N)) for name in "rkvw"),
         u=_bonus(u, H, N),
-        s0=_start_state(init_state, state_map, B, H, N),
+        s0=_start_state(init_state, state_map, batch, H, N),
         shape=(B, T, C),
     )

@@ -29,7 +29,7 @@ def _engine(name):
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def portable():
+def portable_engine():
     return _engine("portable")
 
 
@@ -47,14 +47,14 @@ def gpu_engines(backend=None):
 
 def available():
     """Every engine that can run here under the active backend, portable last."""
-    return [*gpu_engines(), portable()]
+    return [*gpu_engines(), portable_engine()]
 
 
 def select(r, head_size, ops_loop):
     """The engine for one call: OPS_KERNEL and ops_loop (for T == 1) pick the portable engine."""
     if FORCE_PORTABLE or (ops_loop and r.shape[1] == 1):
-        return portable()
+        return portable_engine()
     for engine in gpu_engines():
         if engine.supports(r, head_size):
             return engine
-    return portable()
+    return portable_engine()

@@ -18,13 +18,25 @@ The math is written down in docs/math.md; in short, per (batch, head) and with g
 All of it runs in float32 whatever the input dtype. `w` is clamped at W_MAX before exp(w): beyond it the
 decay exp(-exp(w)) is exactly 0.0 in float32 either way, and -inf (from exp(+100)) never appears.
 """
+import keras
 from keras import ops
 
 # exp(-exp(60)) underflows to exactly 0 in float32, as does the true decay for any larger w; the clamp only
 # keeps g = -exp(w) finite (g >= -1.1e26, so sums of a chunk of them stay finite too).
 W_MAX = 60.0
 CHUNK = 32
-UNROLL = 8
+
+
+def scan(step, init, xs):
+    """ops.scan (a loop carrying `init` over the leading axis of xs), except under tensorflow, where keras' scan
+    builds a while loop without maximum_iterations that XLA cannot compile under a gradient tape: tf.scan
+    sets it."""
+    if keras.backend.backend() != "tensorflow":
+        return ops.scan(step, init, xs)
+    import tensorflow as tf
+
+    states = tf.scan(lambda carry, x: step(carry[0], x), xs, initializer=(init, init))
+    return states[0][-1], states[1]
 
 
 def chunk_length(T, chunk=CHUNK):
@@ -47,28 +59,29 @@ def _tree_intra(r, k, v, d):
     each token (pre), after each token (suf) and over the chunk (tot, (M, 1, N)). Every product is built
     from products over whole halves, so each factor is <= 1 and each is exact to a few ulps.
     """
-    M, L, N = ops.shape(r)
+    L, N = r.shape[1:]
     y = ops.zeros_like(r)
-    pre = ops.ones_like(d)   # product of d over the block's positions before t (h = 1: empty)
+    pre = ops.ones_like(d)   # product of d over the h-block's positions before t (h = 1: empty)
     suf = ops.ones_like(d)   # ... after t
-    tot = d                  # ... over the whole block
+    tot = d                  # ... over each whole h-block: (M, L / h, N)
     h = 1
     while h < L:
         nb = L // (2 * h)
-        r5, k5, v5, pre5, suf5, tot5 = (ops.reshape(x, (M, nb, 2, h, N)) for x in (r, k, v, pre, suf, tot))
+        r5, k5, v5, pre5, suf5 = (ops.reshape(x, (-1, nb, 2, h, N)) for x in (r, k, v, pre, suf))
+        tot4 = ops.reshape(tot, (-1, nb, 2, 1, N))
+        tot_up, tot_dn = tot4[:, :, 0], tot4[:, :, 1]
         # pair block of this level: t in the lower half, s in the upper half
         rq = r5[:, :, 1] * pre5[:, :, 1]
         kq = k5[:, :, 0] * suf5[:, :, 0]
         a = ops.einsum("bxtn,bxsn->bxts", rq, kq)
         y_dn = ops.einsum("bxts,bxsn->bxtn", a, v5[:, :, 0])
-        y = y + ops.reshape(ops.stack([ops.zeros_like(y_dn), y_dn], axis=2), (M, L, N))
+        y = y + ops.reshape(ops.stack([ops.zeros_like(y_dn), y_dn], axis=2), (-1, L, N))
         # grow the products to blocks of 2h: each half takes in the other half's total on its far side
-        tot_up, tot_dn = tot5[:, :, 0, :1], tot5[:, :, 1, :1]
-        pre = ops.reshape(ops.stack([pre5[:, :, 0], pre5[:, :, 1] * tot_up], axis=2), (M, L, N))
-        suf = ops.reshape(ops.stack([suf5[:, :, 0] * tot_dn, suf5[:, :, 1]], axis=2), (M, L, N))
-        tot = ops.reshape(ops.broadcast_to(ops.expand_dims(tot_up * tot_dn, 2), (M, nb, 2, h, N)), (M, L, N))
+        pre = ops.reshape(ops.stack([pre5[:, :, 0], pre5[:, :, 1] * tot_up], axis=2), (-1, L, N))
+        suf = ops.reshape(ops.stack([suf5[:, :, 0] * tot_dn, suf5[:, :, 1]], axis=2), (-1, L, N))
+        tot = ops.reshape(tot_up * tot_dn, (-1, nb, N))
         h *= 2
-    return y, pre, suf, tot[:, :1]
+    return y, pre, suf, tot
 
 
 def chunked_wkv(r, k, v, w, u, s0, chunk=CHUNK):
@@ -76,25 +89,24 @@ def chunked_wkv(r, k, v, w, u, s0, chunk=CHUNK):
 
     Returns y (B, T, H, N) in r's dtype and the float32 state after the last step (B, H, N, N).
     """
-    B, T, H, N = ops.shape(r)
+    B, T, H, N = ops.shape(r)  # B and T may be tensors (tf.function with unknown dims)
     dtype = r.dtype
-    if s0 is None:
-        s0 = ops.zeros((B, H, N, N), "float32")
-    L = chunk_length(T, chunk)
-    nc = -(-T // L)
-    pad = nc * L - T
+    L = chunk_length(T, chunk) if isinstance(T, int) else chunk
+    pad = (-T) % L
+    nc = (T + pad) // L
     f32 = lambda x: ops.cast(x, "float32")  # noqa: E731
     r, k, v, d = f32(r), f32(k), f32(v), ops.exp(log_decay(w))
     u = f32(u)
     bonus = ops.sum(r * u * k, axis=-1, keepdims=True) * v  # the diagonal t = s: u replaces the state
-    if pad:
+    if not isinstance(pad, int) or pad:
         # padded steps: zero keys/values add nothing, decay 1 leaves the state alone
-        r, k, v = (ops.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (r, k, v))
-        d = ops.pad(d, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=1.0)
+        zeros = ops.zeros((B, pad, H, N), "float32")
+        r, k, v = (ops.concatenate([x, zeros], axis=1) for x in (r, k, v))
+        d = ops.concatenate([d, zeros + 1.0], axis=1)
 
     def to_chunks(x):  # (B, T, H, N) -> (B*H*nc, L, N)
         x = ops.transpose(ops.reshape(x, (B, nc, L, H, N)), (0, 3, 1, 2, 4))
-        return ops.reshape(x, (B * H * nc, L, N))
+        return ops.reshape(x, (-1, L, N))
 
     rc, kc, vc, dc = map(to_chunks, (r, k, v, d))
     y_intra, pre, suf, tot = _tree_intra(rc, kc, vc, dc)
@@ -102,14 +114,17 @@ def chunked_wkv(r, k, v, w, u, s0, chunk=CHUNK):
     # the chunk's own contribution to the state, and its decay
     kv = ops.einsum("mln,mlj->mnj", kc * suf, vc)              # (M, N, N)
     kv = ops.transpose(ops.reshape(kv, (B, H, nc, N, N)), (2, 0, 1, 3, 4))  # (nc, B, H, N, N)
+    if s0 is None:
+        s0 = ops.zeros_like(kv[0])
     decay = ops.transpose(ops.reshape(tot, (B, H, nc, N, 1)), (2, 0, 1, 3, 4))
 
+    # States at chunk boundaries: S_{c+1} = decay_c * S_c + kv_c, one step per chunk.
     def step(state, xs):
         d, contrib = xs
         return d * state + contrib, state
 
-    s_last, s_starts = ops.scan(step, s0, (decay, kv), unroll=UNROLL)                  # s_starts: (nc, B, H, N, N)
-    s_starts = ops.reshape(ops.transpose(s_starts, (1, 2, 0, 3, 4)), (B * H * nc, N, N))
+    s_last, s_starts = scan(step, s0, (decay, kv))                       # s_starts: (nc, B, H, N, N)
+    s_starts = ops.reshape(ops.transpose(s_starts, (1, 2, 0, 3, 4)), (-1, N, N))
     y = y_intra + ops.einsum("mli,mij->mlj", rc * pre, s_starts)
     y = ops.transpose(ops.reshape(y, (B, H, nc * L, N)), (0, 2, 1, 3))[:, :T]
     return ops.cast(y + bonus, dtype), s_last
