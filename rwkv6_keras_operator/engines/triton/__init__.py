@@ -1,15 +1,46 @@
-"""The triton engine (torch backend, CUDA GPUs): not built yet; is_available() is False so calls run portable."""
+"""The Triton engine: torch backend, CUDA GPUs. Exact chunked kernels (docs/math.md), a one-step kernel for
+T == 1, bound as torch.library custom ops with autograd (see binding.py).
+
+Triton and the kernels are imported on first use, so importing the package never needs Triton. On a machine
+without a CUDA device the operator never picks this engine (is_available() is False); tests run the same
+kernels on CPU tensors under TRITON_INTERPRET=1 by calling `wkv` directly.
+"""
+import functools
+import importlib.util
+import warnings
+
 NAME = "triton"
 BACKEND = "torch"
+HEAD_SIZES = (16, 32, 64, 128)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
+@functools.lru_cache(maxsize=None)
 def is_available():
-    return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+_warned = set()
 
 
 def supports(r, head_size):
-    return False
+    """CUDA tensors of a supported dtype and head size; any other head size warns once and runs portable."""
+    if not getattr(r, "is_cuda", False) or str(r.dtype).replace("torch.", "") not in DTYPES:
+        return False
+    if head_size not in HEAD_SIZES:
+        if head_size not in _warned:
+            _warned.add(head_size)
+            warnings.warn(f"rwkv6_keras_operator: the Triton engine supports head sizes {HEAD_SIZES}; "
+                          f"head_size={head_size} runs the portable engine (slower).", stacklevel=3)
+        return False
+    return True
 
 
 def wkv(r, k, v, w, u, s0):
-    raise NotImplementedError("the triton engine is not built yet")
+    from .binding import wkv as _wkv
+
+    return _wkv(r, k, v, w, u, s0)

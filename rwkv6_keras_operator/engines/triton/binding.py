@@ -1,0 +1,137 @@
+"""The Triton kernels as torch.library custom ops, with fake (meta) implementations and registered autograd, so
+the engine runs in eager mode, under torch.compile(fullgraph=True) and inside CUDA-graph capture (no host sync
+anywhere: shapes alone decide every launch).
+
+    rwkv6_triton::forward(r, k, v, w, u, s0?) -> (y, state, states)
+    rwkv6_triton::backward(r, k, v, w, u, s0?, states, dy, dstate?) -> (dr, dk, dv, dw, du, ds0)
+
+`states` holds the start state of chunks 1 .. NC-1 (B, H, NC-1, N, N) float32: with the inputs, all the forward
+saves for the backward (the start of chunk 0 is s0 itself). T == 1 runs the one-step kernel (decode).
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backward import launch_backward
+from .forward import launch_forward
+from .recurrent import launch_step
+from .scan import launch_scan
+
+CHUNK = 64     # L: tokens per chunk (one stored state each)
+SUB = 16       # C: rows per sub-block (the tensor-core tile height)
+
+
+def _precision(dtype):
+    # float32 inputs: 3xTF32 products (float32-exact); 16-bit inputs: TF32 products of float32 operands.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _n_chunks(T):
+    return (T + CHUNK - 1) // CHUNK
+
+
+def _device(x):
+    return torch.cuda.device(x.device) if x.is_cuda else _NoDevice()
+
+
+class _NoDevice:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def forward_impl(r, k, v, w, u, s0):
+    B, T, H, N = r.shape
+    r, k, v, w = (x.contiguous() for x in (r, k, v, w))
+    u = u.to(torch.float32).contiguous()
+    s0 = None if s0 is None else s0.to(torch.float32).contiguous()
+    y = torch.empty(r.shape, dtype=r.dtype, device=r.device)
+    state = torch.empty((B, H, N, N), dtype=torch.float32, device=r.device)
+    states = torch.empty((B, H, _n_chunks(T) - 1, N, N), dtype=torch.float32, device=r.device)
+    with _device(r):
+        if T == 1:
+            launch_step(r, k, v, w, u, s0, y, state)
+        else:
+            prec = _precision(r.dtype)
+            launch_scan(k, v, w, s0, state, states, False, prec, CHUNK)
+            launch_forward(r, k, v, w, u, s0, states, y, prec, CHUNK, SUB)
+    return y, state, states
+
+
+def backward_impl(r, k, v, w, u, s0, states, dy, dstate):
+    B, T, H, N = r.shape
+    NC = _n_chunks(T)
+    r, k, v, w = (x.contiguous() for x in (r, k, v, w))
+    u = u.to(torch.float32).contiguous()
+    s0 = None if s0 is None else s0.to(torch.float32).contiguous()
+    dy = dy.to(r.dtype).contiguous()
+    dstate = None if dstate is None else dstate.to(torch.float32).contiguous()
+    dev = r.device
+    dstates = torch.empty((B, H, NC, N, N), dtype=torch.float32, device=dev)
+    ds0 = torch.empty((B, H, N, N) if s0 is not None else (0,), dtype=torch.float32, device=dev)
+    dr, dk, dv, dw = (torch.empty(r.shape, dtype=r.dtype, device=dev) for _ in range(4))
+    du_part = torch.empty((B * NC, H, N), dtype=torch.float32, device=dev)
+    prec = _precision(r.dtype)
+    with _device(r):
+        launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, prec, CHUNK)
+        launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, prec, CHUNK, SUB)
+    return dr, dk, dv, dw, du_part.sum(0), ds0
+
+
+@torch.library.custom_op("rwkv6_triton::forward", mutates_args=())
+def forward_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
+               s0: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return forward_impl(r, k, v, w, u, s0)
+
+
+@forward_op.register_fake
+def _forward_fake(r, k, v, w, u, s0):
+    B, T, H, N = r.shape
+    return (r.new_empty(r.shape), r.new_empty((B, H, N, N), dtype=torch.float32),
+            r.new_empty((B, H, (T + CHUNK - 1) // CHUNK - 1, N, N), dtype=torch.float32))
+
+
+@torch.library.custom_op("rwkv6_triton::backward", mutates_args=())
+def backward_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Optional[Tensor], states: Tensor,
+                dy: Tensor, dstate: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backward_impl(r, k, v, w, u, s0, states, dy, dstate)
+
+
+@backward_op.register_fake
+def _backward_fake(r, k, v, w, u, s0, states, dy, dstate):
+    B, T, H, N = r.shape
+    ds0 = r.new_empty((B, H, N, N) if s0 is not None else (0,), dtype=torch.float32)
+    return (r.new_empty(r.shape), r.new_empty(r.shape), r.new_empty(r.shape), r.new_empty(r.shape),
+            u.new_empty((H, N), dtype=torch.float32), ds0)
+
+
+def _setup_context(ctx, inputs, output):
+    r, k, v, w, u, s0 = inputs
+    ctx.has_s0 = s0 is not None
+    ctx.save_for_backward(r, k, v, w, u, s0, output[2])
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, dy, dstate, _dstates):
+    r, k, v, w, u, s0, states = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(r)
+    dr, dk, dv, dw, du, ds0 = backward_op(r, k, v, w, u, s0, states, dy, dstate)
+    return dr, dk, dv, dw, du.to(u.dtype), (ds0 if ctx.has_s0 else None)
+
+
+forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def wkv(r, k, v, w, u, s0=None):
+    """(y, state): the engine protocol's wkv on torch tensors (B, T, H, N); u (H, N); s0 (B, H, N, N) or None."""
+    needs_graph = torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, k, v, w, u, s0)))
+    if needs_graph:
+        y, state, _ = forward_op(r, k, v, w, u, s0)
+    else:  # eager inference: the same implementation without the dispatcher's overhead
+        y, state, _ = forward_impl(r, k, v, w, u, s0)
+    return y, state
