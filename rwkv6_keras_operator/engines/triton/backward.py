@@ -35,20 +35,35 @@ from .common import block_decays, chunk_start_state, g_rows, head_base, load_row
 
 
 @triton.jit
-def pairs_dr(k_ptr, w_ptr, dA, base, t0, T, stride_t, N: tl.constexpr, C: tl.constexpr):
-    """sum_{s<t} dA[t, s] k_s * prod_{s<m<t} d_m for the rows t of the sub-block (rows carried downwards)."""
+def pairs_dr(r_ptr, k_ptr, w_ptr, dA, dAs, base, t0, T, stride_t, N: tl.constexpr, C: tl.constexpr,
+             PREC: tl.constexpr, EXACT: tl.constexpr):
+    """DR[t] = sum_{s<t} dA[t, s] k_s * prod_{s<m<t} d_m for the rows t of the sub-block: Q[s] = k_s * prod_{s<m<t}
+    d_m is carried down the rows. With EXACT, also the pair part of dg as a direct sum,
+
+        Z[m] = sum_{t>m} r_t * sum_{s<m} dA[t, s] k_s * prod_{s<m'<t} d_m'       (pairs s < m < t)
+
+    row t adds r_t * (sum_{s<m} dA[t, s] Q[s]) to every m < t; the sum over s < m is a product with the 0/1
+    matrix [s <= m < t] of Qs (Q shifted down one row) weighted by dAs[t, s] = dA[t, s - 1]."""
     idx = tl.arange(0, C)
     cols = tl.arange(0, N)
     Q = tl.zeros([C, N], dtype=tl.float32)
+    Qs = tl.zeros([C, N], dtype=tl.float32)
     DR = tl.zeros([C, N], dtype=tl.float32)
+    Z = tl.zeros([C, N], dtype=tl.float32)
     for tau in range(C):
         t = t0 + tau
         k_t = load_vec(k_ptr, base, t, T, cols, stride_t)
         d_t = tl.exp(tl.where(t < T, log_decay(load_vec(w_ptr, base, t, T, cols, stride_t)), 0.0))
         da = tl.sum(tl.where(idx[:, None] == tau, dA, 0.0), 0)           # dA[t, s] over s
         DR = tl.where(idx[:, None] == tau, tl.sum(da[:, None] * Q, 0)[None, :], DR)
+        if EXACT:
+            r_t = load_vec(r_ptr, base, t, T, cols, stride_t)
+            das = tl.sum(tl.where(idx[:, None] == tau, dAs, 0.0), 0)
+            M = tl.where((idx[None, :] <= idx[:, None]) & (idx[:, None] < tau), das[None, :], 0.0)   # [m, s]
+            Z += r_t[None, :] * tl.dot(M, Qs, input_precision=PREC)
+            Qs = tl.where(idx[:, None] == tau + 1, k_t[None, :], Qs * d_t[None, :])
         Q = tl.where(idx[:, None] == tau, k_t[None, :], Q * d_t[None, :])
-    return DR
+    return DR, Z
 
 
 @triton.jit
@@ -89,7 +104,8 @@ def dstate_back(r_ptr, dy_ptr, w_ptr, base, t0, T, stride_t, dE, N: tl.constexpr
 
 @triton.jit
 def block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, u, base, t0, T, stride_t,
-                S, dE, N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, LAST: tl.constexpr):
+                S, dE, N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, EXACT: tl.constexpr,
+                LAST: tl.constexpr):
     """All gradients of the sub-block t0 .. t0+C-1 given its start state S and end-state gradient dE.
     Returns the next start state (unless LAST) and this sub-block's du."""
     idx = tl.arange(0, C)
@@ -108,7 +124,12 @@ def block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_p
     vdy = tl.sum(dy * v, 1)                                                # dA[t, t], exact
     sig = tl.dot(dy, tl.trans(S), input_precision=PREC)                    # S_J dy_t
     kap = tl.dot(v, tl.trans(dE), input_precision=PREC)                    # dE_J v_s
-    DRp = pairs_dr(k_ptr, w_ptr, dA, base, t0, T, stride_t, N, C)
+    if EXACT:
+        vp = tl.where(idx[:, None] > 0, load_rows(v_ptr, base, rows - 1, T, cols, stride_t), 0.0)
+        dAs = tl.dot(dy, tl.trans(vp), input_precision=PREC)              # dAs[t, s] = dy_t . v_{s-1}
+    else:
+        dAs = dA
+    DRp, Z = pairs_dr(r_ptr, k_ptr, w_ptr, dA, dAs, base, t0, T, stride_t, N, C, PREC, EXACT)
     DKp, A = pairs_dk(r_ptr, k_ptr, w_ptr, u, dA, base, t0, T, stride_t, N, C)
     bonus = u[None, :] * vdy[:, None]
     store_rows(dr_ptr, base, rows, T, cols, stride_t, DRp + bonus * k + pre * sig)
@@ -117,14 +138,21 @@ def block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_p
     dv = tl.dot(tl.trans(A), dy, input_precision=PREC)
     dv = tl.dot(kq, dE, acc=dv, input_precision=PREC)
     store_rows(dv_ptr, base, rows, T, cols, stride_t, dv)
-    # dg (see the module docstring); X_all = pairs + state read, both summed over t > m
-    X_all = r * DRp + r * pre * sig
+    # dg (see the module docstring)
+    X_st = r * pre * sig
     Y_st = k * kap * suf
-    Y_p = k * DKp
-    dg = (dtot * tl.sum(S * dE, 1))[None, :] \
-        + (tl.cumsum(X_all, 0, reverse=True) - X_all) \
-        + (tl.cumsum(Y_st, 0) - Y_st) \
-        - tl.cumsum(Y_p, 0, reverse=True)
+    if EXACT:
+        after = (idx[None, :] > idx[:, None]).to(tl.float32)                  # [m, t] = t > m
+        dg = (dtot * tl.sum(S * dE, 1))[None, :] + Z \
+            + tl.dot(after, X_st, input_precision=PREC) \
+            + tl.dot(tl.trans(after), Y_st, input_precision=PREC)
+    else:
+        X_all = r * DRp + X_st
+        Y_p = k * DKp
+        dg = (dtot * tl.sum(S * dE, 1))[None, :] \
+            + (tl.cumsum(X_all, 0, reverse=True) - X_all) \
+            + (tl.cumsum(Y_st, 0) - Y_st) \
+            - tl.cumsum(Y_p, 0, reverse=True)
     store_rows(dw_ptr, base, rows, T, cols, stride_t, tl.where(tl.exp(g) > 0.0, dg * g, 0.0))
     du = tl.sum(r * k * vdy[:, None], 0)
     if not LAST:
@@ -136,7 +164,8 @@ def block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_p
 def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstates_ptr, dy_ptr,
                     dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr,
                     T, H, NC, stride_t, has_s0,
-                    N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+                    N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+                    EXACT: tl.constexpr):
     tl.static_assert(L == 4 * C)
     pid = tl.program_id(0)
     c = pid % NC
@@ -154,13 +183,13 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     dE0 = dstate_back(r_ptr, dy_ptr, w_ptr, base, t_c + 1 * C, T, stride_t, dE1, N, C, PREC)
     S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, cols, N)
     S, du0 = block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, u, base,
-                         t_c, T, stride_t, S, dE0, N, C, PREC, False)
+                         t_c, T, stride_t, S, dE0, N, C, PREC, EXACT, False)
     S, du1 = block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, u, base,
-                         t_c + C, T, stride_t, S, dE1, N, C, PREC, False)
+                         t_c + C, T, stride_t, S, dE1, N, C, PREC, EXACT, False)
     S, du2 = block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, u, base,
-                         t_c + 2 * C, T, stride_t, S, dE2, N, C, PREC, False)
+                         t_c + 2 * C, T, stride_t, S, dE2, N, C, PREC, EXACT, False)
     S, du3 = block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, u, base,
-                         t_c + 3 * C, T, stride_t, S, dE3, N, C, PREC, True)
+                         t_c + 3 * C, T, stride_t, S, dE3, N, C, PREC, EXACT, True)
     # du partials: (B * NC, H, N), summed over the first axis by the caller
     tl.store(du_ptr + ((b.to(tl.int64) * NC + c) * H + h) * N + cols, du0 + du1 + du2 + du3)
 
@@ -169,10 +198,11 @@ def backward_warps(N):
     return 4 if N <= 32 else (8 if N <= 64 else 16)
 
 
-def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, prec, L, C):
+def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, prec, L, C, exact=True):
     B, T, H, N = r.shape
     NC = -(-T // L)
     grid = (B * H * NC,)
     backward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, dstates, dy,
                           dr, dk, dv, dw, du_part, T, H, NC, H * N, int(s0 is not None),
-                          N=N, L=L, C=C, PREC=prec, num_warps=backward_warps(N))
+                          N=N, L=L, C=C, PREC=prec, EXACT=exact,
+                          num_warps=backward_warps(N))

@@ -20,6 +20,9 @@ from .scan import launch_scan
 
 CHUNK = 64     # L: tokens per chunk (one stored state each)
 SUB = 16       # C: rows per sub-block (the tensor-core tile height)
+# dg's pair terms as direct sums (True), or through the dg identity of docs/math.md (False: cheaper, but its
+# rounding is multiplied by |g| where a decay is tiny; see backward.py).
+EXACT_DG = True
 
 
 def _precision(dtype):
@@ -77,7 +80,8 @@ def backward_impl(r, k, v, w, u, s0, states, dy, dstate):
     prec = _precision(r.dtype)
     with _device(r):
         launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, prec, CHUNK)
-        launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, prec, CHUNK, SUB)
+        launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, prec, CHUNK, SUB,
+                        EXACT_DG)
     return dr, dk, dv, dw, du_part.sum(0), ds0
 
 

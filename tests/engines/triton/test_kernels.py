@@ -1,0 +1,148 @@
+"""The Triton engine's kernels against the float64 oracle: forward output, final state and every gradient.
+
+On a CUDA machine they run compiled on the GPU; on a CPU machine the same kernels run under the Triton
+interpreter (TRITON_INTERPRET=1, set by scripts/test.sh) on CPU tensors, at tiny shapes and in float32 (the
+interpreter's bf16 `tl.dot` is unreliable; these kernels feed only float32 operands to `tl.dot`, so one bf16 case
+runs too). The engine is called directly (the operator picks it only for CUDA tensors).
+"""
+import os
+
+import numpy as np
+import pytest
+
+from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
+from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, bf16_round, make_inputs, rel_err
+
+if BACKEND != "torch":
+    pytest.skip(f"the Triton engine runs under the torch backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton", reason="Triton is not installed")
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device: run with TRITON_INTERPRET=1 to check the Triton kernels on CPU",
+                allow_module_level=True)
+
+from rwkv6_keras_operator.engines import triton as engine  # noqa: E402
+from rwkv6_keras_operator.engines.triton import binding  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run(x, dtype="float32", init=None, state_map=None, dy=None, dstate=None, exact=True):
+    """Engine output, final state and gradients (r, k, v, w, u, init) of sum(y * dy) + sum(state * dstate).
+
+    init: (n, H, N, N) NumPy start states; row b starts from init[state_map[b]] (the gather the operator does)."""
+    B, T, C = x["r"].shape
+    H, N = x["u"].shape
+    dt = TORCH_DTYPES[dtype]
+    leaves = [torch.tensor(x[n], device=DEVICE).to(dt).requires_grad_(True) for n in "rkvw"]
+    leaves.append(torch.tensor(x["u"], device=DEVICE).requires_grad_(True))
+    s0 = None
+    if init is not None:
+        leaves.append(torch.tensor(init, device=DEVICE).requires_grad_(True))
+        index = torch.tensor(np.arange(B) if state_map is None else np.asarray(state_map), device=DEVICE)
+        s0 = leaves[-1][index]
+    r, k, v, w = (a.view(B, T, H, N) for a in leaves[:4])
+    saved, binding.EXACT_DG = binding.EXACT_DG, exact
+    try:
+        y, state = engine.wkv(r, k, v, w, leaves[4], s0)
+        loss = (y.float().reshape(B, T, C) * torch.tensor(dy, device=DEVICE)).sum()
+        if dstate is not None:
+            loss = loss + (state * torch.tensor(dstate, device=DEVICE)).sum()
+        grads = torch.autograd.grad(loss, leaves)
+    finally:
+        binding.EXACT_DG = saved
+    as_np = lambda a: a.detach().float().cpu().numpy().astype(np.float64)  # noqa: E731
+    assert y.dtype == dt and y.shape == (B, T, H, N) and state.dtype == torch.float32
+    return as_np(y).reshape(B, T, C), as_np(state), [as_np(g) for g in grads]
+
+
+def check(B, T, H, N, decay, dtype="float32", n_state=None, state_map=None, with_dstate=True, seed=0, exact=True):
+    x = make_inputs(B, T, H, N, seed, decay=decay, n_state=n_state)
+    if dtype != "float32":
+        x.update({n: bf16_round(x[n]) if dtype == "bfloat16" else x[n].astype(np.float16).astype(np.float32)
+                  for n in "rkvw"})
+    rng = np.random.default_rng(seed + 1)
+    dy = rng.standard_normal((B, T, H * N)).astype(np.float32)
+    dstate = rng.standard_normal((B, H, N, N)).astype(np.float32) if with_dstate else None
+    init = x.get("init_state")
+    y, state, grads = run(x, dtype, init, state_map, dy, dstate, exact)
+    y_ref, s_ref = wkv_reference(*(x[n] for n in "rkvwu"), N, init, state_map)
+    g_ref = wkv_reference_grads(*(x[n] for n in "rkvwu"), N, dy, dstate, init, state_map)
+    tol_out, tol_grad = (FP32_OUT, FP32_GRAD) if dtype == "float32" else (BF16, BF16)
+    errors = {"y": rel_err(y, y_ref), "state": rel_err(state, s_ref)}
+    names = ["r", "k", "v", "w", "u"] + (["init_state"] if init is not None else [])
+    errors.update({n: rel_err(g, g_ref[n]) for n, g in zip(names, grads)})
+    bad = {n: e for n, e in errors.items() if e > (tol_out if n in ("y", "state") else tol_grad)}
+    assert not bad, f"errors over tolerance: {bad} (all: {errors})"
+    return errors
+
+
+# Shapes: T = 80 and 150 span 2 and 3 chunks of 64 with a partial last chunk; T = 64 is one exact chunk.
+@pytest.mark.parametrize("decay,B,T,H,N,n_state,state_map", [
+    ("masks", 2, 80, 1, 32, 3, [2, 2]),        # shared start state through state_map: its gradient adds up
+    ("strong", 1, 64, 2, 16, None, None),      # one exact chunk, no start state
+    ("normal", 1, 150, 1, 16, 1, [0]),         # three chunks, the scan carries the state
+])
+def test_matches_oracle(decay, B, T, H, N, n_state, state_map):
+    check(B, T, H, N, decay, n_state=n_state, state_map=state_map)
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_single_step(with_state):
+    """T == 1 runs the one-step kernel forward (decode); its gradients go through the chunked backward."""
+    check(2, 1, 1, 32, "masks", n_state=2 if with_state else None, with_dstate=with_state)
+
+
+@pytest.mark.parametrize("N", [64, 128])
+def test_head_sizes(N):
+    check(1, 20, 1, N, "strong", n_state=1)
+
+
+def test_identity_form_of_dg():
+    """The cheaper dg (the identity of docs/math.md for the pair terms) is right too at normal decays."""
+    check(1, 40, 1, 16, "normal", n_state=1, exact=False)
+
+
+def test_extreme_decays():
+    """w at -1e9 (decay 1), around the clamp (30, 59.9, 60.1, 1e4: decay 0), and -inf-free gradients."""
+    B, T, H, N = 1, 40, 1, 16
+    x = make_inputs(B, T, H, N, 7, decay="masks", n_state=1)
+    rng = np.random.default_rng(8)
+    w = x["w"].copy()
+    for value in (-1e9, 30.0, 59.9, 60.1, 1e4):
+        w[rng.random(w.shape) < 0.06] = value
+    x["w"] = w
+    dy = rng.standard_normal((B, T, H * N)).astype(np.float32)
+    dstate = rng.standard_normal((B, H, N, N)).astype(np.float32)
+    y, state, grads = run(x, "float32", x["init_state"], None, dy, dstate)
+    y_ref, s_ref = wkv_reference(*(x[n] for n in "rkvwu"), N, x["init_state"])
+    g_ref = wkv_reference_grads(*(x[n] for n in "rkvwu"), N, dy, dstate, x["init_state"])
+    assert rel_err(y, y_ref) <= FP32_OUT and rel_err(state, s_ref) <= FP32_OUT
+    for name, g in zip(["r", "k", "v", "w", "u", "init_state"], grads):
+        assert rel_err(g, g_ref[name]) <= FP32_GRAD, name
+    assert np.all(grads[3][w.reshape(grads[3].shape) > 30] == 0.0), "dw must be 0 where the decay is 0"
+
+
+def test_bfloat16_inputs():
+    check(1, 40, 1, 16, "strong", dtype="bfloat16", n_state=1)
+
+
+def test_custom_op_registration():
+    """Schema, fake (meta) implementations and autograd registration of the custom op (torch.library.opcheck)."""
+    B, T, H, N = 1, 3, 1, 16
+    x = make_inputs(B, T, H, N, 3, decay="masks", n_state=B)
+    args = [torch.tensor(x[n], device=DEVICE).view(B, T, H, N).requires_grad_(True) for n in "rkvw"]
+    args += [torch.tensor(x["u"], device=DEVICE).requires_grad_(True),
+             torch.tensor(x["init_state"], device=DEVICE).requires_grad_(True)]
+    torch.library.opcheck(binding.forward_op, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_protocol():
+    assert engine.NAME == "triton" and engine.BACKEND == "torch"
+    r = torch.zeros(1, 2, 1, 64)
+    assert not engine.supports(r, 64), "CPU tensors never go to the Triton engine"
+    if not CUDA:
+        assert not engine.is_available()
