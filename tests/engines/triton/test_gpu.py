@@ -1,0 +1,227 @@
+"""The Triton engine on a CUDA GPU, through RWKVKernelOperator: dtypes, decays, state forms, head sizes, lengths,
+torch.compile(fullgraph=True), CUDA-graph capture and 64-bit indexing, all against the float64 oracle.
+
+Skipped (with the reason) without a CUDA device or under another Keras backend; the kernels themselves are
+also checked on CPU by test_kernels.py under the Triton interpreter.
+"""
+import warnings
+
+import numpy as np
+import pytest
+
+from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
+from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, bf16_round, make_inputs, rel_err
+
+if BACKEND != "torch":
+    pytest.skip(f"the Triton engine runs under the torch backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device: the GPU checks of the Triton engine need one", allow_module_level=True)
+
+from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
+from rwkv6_keras_operator.engines import triton as engine  # noqa: E402
+
+DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
+
+
+def rounded(x, dtype):
+    if dtype == "bfloat16":
+        return bf16_round(x)
+    if dtype == "float16":
+        return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+    return x
+
+
+def cuda(x, dtype=torch.float32):
+    return torch.tensor(np.asarray(x), device="cuda").to(dtype)
+
+
+def operator_check(B, T, H, N, decay, dtype="float32", init=None, init_arg=None, state_map=None, seed=0):
+    """Operator output, final state and all gradients vs the oracle. init: NumPy states for the oracle;
+    init_arg: what the operator gets (a reshaped or mapped form of init)."""
+    x = make_inputs(B, T, H, N, seed, decay=decay)
+    x.update({n: rounded(x[n], dtype) for n in "rkvw"})
+    rng = np.random.default_rng(seed + 1)
+    dy = rng.standard_normal((B, T, H * N)).astype(np.float32)
+    dstate = rng.standard_normal((B, H, N, N)).astype(np.float32)
+    leaves = [cuda(x[n], DT[dtype]).requires_grad_(True) for n in "rkvw"] + [cuda(x["u"]).requires_grad_(True)]
+    if init is not None:
+        leaves.append(cuda(init_arg if init_arg is not None else init).requires_grad_(True))
+    op = RWKVKernelOperator(N, max_sequence_length=T)
+    assert engines.select(leaves[0].view(B, T, H, N), N, False) is engine
+    y, state = op(*leaves[:5], with_state=True, init_state=leaves[5] if init is not None else None,
+                  state_map=state_map)
+    loss = (y.float() * cuda(dy)).sum() + (state * cuda(dstate)).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    sm = None if state_map is None else np.asarray(torch.as_tensor(state_map).cpu())
+    y_ref, s_ref = wkv_reference(*(x[n] for n in "rkvwu"), N, init, sm)
+    g_ref = wkv_reference_grads(*(x[n] for n in "rkvwu"), N, dy, dstate, init, sm)
+    np_ = lambda a: a.detach().float().cpu().numpy()  # noqa: E731
+    errors = {"y": rel_err(np_(y), y_ref), "state": rel_err(np_(state), s_ref)}
+    names = ["r", "k", "v", "w", "u"] + (["init_state"] if init is not None else [])
+    for n, g in zip(names, grads):
+        want = g_ref[n]
+        errors[n] = rel_err(np_(g).reshape(want.shape), want)
+    tol_out, tol_grad = TOL[dtype]
+    bad = {n: e for n, e in errors.items() if e > (tol_out if n in ("y", "state") else tol_grad)}
+    assert not bad, f"over tolerance: {bad} (all: {errors})"
+    assert y.dtype == DT[dtype] and state.dtype == torch.float32
+    return errors
+
+
+@pytest.mark.parametrize("decay", ["normal", "strong", "masks"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dtypes_and_decays(dtype, decay):
+    s = make_inputs(2, 1, 4, 64, 9, n_state=2)["init_state"]
+    operator_check(2, 333, 4, 64, decay, dtype, init=s)
+
+
+STATE_FORMS = {  # name: (n_state, how the operator gets it, state_map)
+    "(H,N,N) shared": (1, lambda s: s[0], None),
+    "(1,H,N,N) shared": (1, lambda s: s, None),
+    "(B,H,N,N) per row": (3, lambda s: s, None),
+    "(5,H,N,N) + tensor map": (5, lambda s: s, "tensor"),
+    "(5,H,N,N) + list map": (5, lambda s: s, [4, 4, 1]),
+}
+
+
+@pytest.mark.parametrize("form", list(STATE_FORMS))
+def test_state_forms(form):
+    n, arg, state_map = STATE_FORMS[form]
+    s = make_inputs(1, 1, 2, 64, 4, n_state=n)["init_state"]
+    if state_map == "tensor":
+        state_map = torch.tensor([2, 0, 2], dtype=torch.int32, device="cuda")
+    operator_check(3, 150, 2, 64, "masks", init=s, init_arg=arg(s), state_map=state_map)
+
+
+@pytest.mark.parametrize("N", [16, 32, 128])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_sizes(N, dtype):
+    s = make_inputs(2, 1, 2, N, 5, n_state=2)["init_state"]
+    operator_check(2, 200, 2, N, "strong", dtype, init=s)
+
+
+@pytest.mark.parametrize("T", [1, 2, 17, 64, 65, 1000])
+def test_lengths(T):
+    s = make_inputs(2, 1, 2, 64, 6, n_state=2)["init_state"]
+    operator_check(2, T, 2, 64, "masks", init=s)
+
+
+def test_long_bf16_sequence():
+    """T = 4096 in bf16 with strong decays: nothing drifts along many chunks."""
+    operator_check(1, 4096, 2, 64, "strong", "bfloat16")
+
+
+def test_unsupported_head_size_warns_and_runs_portable():
+    r = torch.zeros(1, 4, 1, 48, device="cuda")
+    engine._warned.discard(48)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not engine.supports(r, 48)
+        assert not engine.supports(r, 48)
+    assert len([w for w in caught if "head_size=48" in str(w.message)]) == 1
+    assert engines.select(r, 48, False) is engines.portable()
+
+
+def test_ops_loop_single_step_runs_portable():
+    r = torch.zeros(2, 1, 1, 64, device="cuda")
+    assert engines.select(r, 64, True) is engines.portable()
+    assert engines.select(r, 64, False) is engine
+
+
+def _engine_step(r, k, v, w, u, s0):
+    y, s = engine.wkv(r, k, v, w, u, s0)
+    return y.float().square().sum() + s.square().sum()
+
+
+def _inputs(B, T, H, N, dtype=torch.bfloat16, seed=0):
+    x = make_inputs(B, T, H, N, seed, decay="masks", n_state=B)
+    ts = [cuda(x[n], dtype).view(B, T, H, N).requires_grad_(True) for n in "rkvw"]
+    return ts + [cuda(x["u"]).requires_grad_(True), cuda(x["init_state"]).requires_grad_(True)]
+
+
+def test_torch_compile_fullgraph_engine():
+    """The custom op inside torch.compile(fullgraph=True): same values and gradients as eager."""
+    args = _inputs(2, 130, 2, 64)
+    eager = torch.autograd.grad(_engine_step(*args), args)
+    compiled = torch.compile(_engine_step, fullgraph=True)
+    got = torch.autograd.grad(compiled(*args), args)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_operator():
+    """The whole operator (argument checks, init_state gather through a tensor state_map) under fullgraph."""
+    B, T, H, N = 3, 100, 2, 64
+    x = make_inputs(B, T, H, N, 2, decay="masks", n_state=4)
+    op = RWKVKernelOperator(N)
+    state_map = torch.tensor([3, 0, 3], device="cuda", dtype=torch.int32)
+
+    def f(r, k, v, w, u, s):
+        y, state = op(r, k, v, w, u, with_state=True, init_state=s, state_map=state_map)
+        return y.float().square().sum() + state.square().sum()
+
+    args = [cuda(x[n]).requires_grad_(True) for n in "rkvwu"] + [cuda(x["init_state"]).requires_grad_(True)]
+    eager = torch.autograd.grad(f(*args), args)
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(*args), args)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_capture():
+    """Forward (decode step and a chunked call) and forward + backward captured in CUDA graphs and replayed."""
+    args = _inputs(2, 100, 2, 64, torch.float32)
+    dec = _inputs(4, 1, 2, 64, torch.float32, seed=1)
+    static = [a.detach().clone() for a in dec]
+    op = RWKVKernelOperator(64)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up (compiles the kernels outside the capture)
+            loss = _engine_step(*args)
+            torch.autograd.grad(loss, args)
+            with torch.no_grad():
+                op(*(a.reshape(4, 1, -1) for a in static[:4]), static[4], with_state=True, init_state=static[5])
+    torch.cuda.current_stream().wait_stream(stream)
+    g_train, g_dec = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_train):
+        grads = torch.autograd.grad(_engine_step(*args), args)
+    with torch.no_grad(), torch.cuda.graph(g_dec):
+        y_dec, s_dec = op(*(a.reshape(4, 1, -1) for a in static[:4]), static[4], with_state=True,
+                          init_state=static[5])
+    for _ in range(2):
+        fresh = _inputs(2, 100, 2, 64, torch.float32, seed=7)
+        with torch.no_grad():
+            for a, b in zip(args, fresh):
+                a.copy_(b)
+            for a, b in zip(static, _inputs(4, 1, 2, 64, torch.float32, seed=8)):
+                a.copy_(b)
+        g_train.replay()
+        g_dec.replay()
+        want = torch.autograd.grad(_engine_step(*args), args)
+        for a, b in zip(grads, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        with torch.no_grad():
+            y_want, s_want = op(*(a.reshape(4, 1, -1) for a in static[:4]), static[4], with_state=True,
+                                init_state=static[5])
+        torch.testing.assert_close(y_dec, y_want, rtol=0, atol=0)
+        torch.testing.assert_close(s_dec, s_want, rtol=0, atol=0)
+
+
+def test_int64_offsets_and_large_grids():
+    """B*T*C > 2^31 elements (offsets past int32) and > 65535 programs: the last row equals that row alone."""
+    B, T, H, N = 9, 131072, 32, 64
+    need = B * T * H * N * (2 * 5 + 4)   # r, k, v, w, y in bf16 and the chunk states in float32
+    if torch.cuda.get_device_properties(0).total_memory < need * 1.3:
+        pytest.skip(f"needs about {need * 1.3 / 2**30:.0f} GiB of GPU memory")
+    assert B * T * H * N > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r, k, v = (torch.randn(B, T, H, N, device="cuda", generator=g, dtype=torch.bfloat16) * 0.5 for _ in range(3))
+    w = torch.randn(B, T, H, N, device="cuda", generator=g, dtype=torch.bfloat16) - 1
+    u = torch.randn(H, N, device="cuda", generator=g) * 0.5
+    with torch.no_grad():
+        y, s = engine.wkv(r, k, v, w, u, None)
+        y1, s1 = engine.wkv(*(a[-1:].clone() for a in (r, k, v, w)), u, None)
+    assert torch.equal(y[-1:], y1) and torch.equal(s[-1:], s1)
+    assert torch.isfinite(y[-1]).all()
