@@ -5,6 +5,8 @@ import importlib
 # command name -> module exposing DESCRIPTION, add_arguments(parser) and run(args) -> exit code
 COMMANDS = {
     "check": "rwkv6_keras_operator.cli.check",
+    "demo": "rwkv6_keras_operator.cli.demo",
+    "bench": "rwkv6_keras_operator.cli.bench",
 }
 
 
