@@ -67,7 +67,7 @@ def check():
             y_ref, s_ref = wkv_reference(*feed, u, N, s0)
             g_ref = wkv_reference_grads(*feed, u, N, dy, ds, s0)
             rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))  # noqa: E731
-            errs = {"y": rel(y.float().cpu().reshape(B, T, C), y_ref), "state": rel(s.cpu(), s_ref)}
+            errs = {"y": rel(y.detach().float().cpu().reshape(B, T, C), y_ref), "state": rel(s.detach().cpu(), s_ref)}
             for name, g in zip(["r", "k", "v", "w", "u", "init_state"], grads):
                 errs[name] = rel(g.float().cpu().reshape(g_ref[name].shape), g_ref[name])
             tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-2, 1e-2)
@@ -127,8 +127,16 @@ def time_ours(name, B, T, H, N, variants):
     return res
 
 
+VARIANT_CONFIGS = {  # module: configs to try (the first is the default); see each module's *_config/scan_tiles
+    "scan": [None, (16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 3), (16, 16, 2, 3)],
+    "forward": [None, (64, 16, 8), (64, 8, 4), (64, 32, 8)],
+    "backward": [None, (16, 4, 2), (16, 8, 3), (16, 16, 2)],
+}
+
+
 def time_kernels(r, k, v, w, u, dy):
-    """Each launch alone (same inputs), to see where the time goes."""
+    """Each launch alone (same inputs), to see where the time goes; with VARIANTS=1 also other launch settings."""
+    from rwkv6_keras_operator.engines.triton import backward, forward, scan
     from rwkv6_keras_operator.engines.triton.backward import launch_backward
     from rwkv6_keras_operator.engines.triton.forward import launch_forward
     from rwkv6_keras_operator.engines.triton.scan import launch_scan
@@ -140,15 +148,27 @@ def time_kernels(r, k, v, w, u, dy):
     dstates = torch.empty((B, H, NC, N, N), device="cuda")
     grads = [torch.empty_like(r) for _ in range(4)]
     du = torch.empty((B * NC, H, N), device="cuda")
-    out = {
-        "scan_fwd_ms": bench(lambda: launch_scan(k, v, w, None, state, states, False, prec, L)),
-        "forward_ms": bench(lambda: launch_forward(r, k, v, w, u, None, states, y, prec, L, C)),
-        "scan_bwd_ms": bench(lambda: launch_scan(r, dy, w, None, None, dstates, True, prec, L)),
-        "backward_ms": bench(lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads, du, prec, L, C)),
-        "backward_identity_dg_ms": bench(lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads, du,
-                                                                 prec, L, C, False)),
+    runs = {
+        "scan": lambda: (launch_scan(k, v, w, None, state, states, False, prec, L),
+                         launch_scan(r, dy, w, None, None, dstates, True, prec, L)),
+        "forward": lambda: launch_forward(r, k, v, w, u, None, states, y, prec, L, C),
+        "backward": lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads, du, prec, L, C),
     }
-    log("kernels " + " ".join(f"{n}={t:.3f}" for n, t in out.items()))
+    out = {"backward_identity_dg_ms": bench(lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads,
+                                                                    du, prec, L, C, False))}
+    few = B * H * 4 < 512
+    for name, module in (("scan", scan), ("forward", forward), ("backward", backward)):
+        for cfg in VARIANT_CONFIGS[name]:
+            key = ("few" if few else "many") if name == "scan" else N
+            module.TUNE.clear()
+            if cfg is not None:
+                module.TUNE[key] = cfg
+            try:
+                out[f"{name}{'' if cfg is None else cfg}_ms"] = bench(runs[name])
+            except Exception as e:  # noqa: BLE001 (a setting that does not fit is reported, not fatal)
+                out[f"{name}{cfg}_error"] = repr(e)[:120]
+            module.TUNE.clear()
+    log("kernels " + " ".join(f"{n}={t:.3f}" if isinstance(t, float) else f"{n}={t}" for n, t in out.items()))
     return out
 
 
@@ -214,7 +234,7 @@ def table(shapes):
             ratio = f"{ours[key] / peer:7.2f}" if peer else f"{'-':>7}"
             print(f"{s:<8}{label:<9}{ours[key]:8.3f}{peer or float('nan'):8.3f}{ratio}{sd or float('nan'):8.3f}")
     for s, k in RESULTS["kernels"].items():
-        print(f"kernels {s}: " + ", ".join(f"{n} {t:.3f}" for n, t in k.items()))
+        print(f"kernels {s}: " + ", ".join(f"{n} {t:.3f}" if isinstance(t, float) else f"{n} {t}" for n, t in k.items()))
     bad = [c for c in RESULTS["check"] if not c["ok"]]
     print("check:", "ALL PASS" if not bad else f"FAILED {bad}")
 

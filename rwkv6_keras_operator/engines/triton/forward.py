@@ -8,7 +8,8 @@ next in registers. For a sub-block with start state S_J, exclusive prefix sums E
     y_t   = (r_t * exp(E_t)) . S_J  +  sum_{s <= t in J} A[t, s] v_s          (tensor cores: C x N x BV, C x C x BV)
     S_J+1 = diag(exp(tot)) S_J  +  sum_{s in J} (k_s * exp(F_s)) v_s^T         (tensor cores: N x C x BV)
 
-and the C x C diagonal block A (pairs inside the sub-block) is built element by element from direct products:
+and the C x C diagonal block A (pairs inside the sub-block) is built element by element from direct products
+(pairs.py), with the bonus on its diagonal:
 
     A[t, s] = sum_i r_t[i] k_s[i] prod_{s<m<t} d_m[i]   (s < t),     A[t, t] = sum_i r_t[i] u[i] k_t[i].
 
@@ -18,33 +19,15 @@ exp of a direct sum over a contiguous range (<= 0) or a product of decays, so no
 import triton
 import triton.language as tl
 
-from .common import block_decays, chunk_start_state, head_base, load_rows, load_vec, log_decay, store_rows
-
-
-@triton.jit
-def intra_rows(r_ptr, k_ptr, w_ptr, u, base, t0, T, stride_t, N: tl.constexpr, C: tl.constexpr):
-    """A (C x C) of the sub-block t0 .. t0+C-1, row by row: Q[s] = k_s * prod_{s<m<t} d_m is carried down the
-    rows (Q <- Q * d_t, then row t of Q becomes k_t), and A[t, s] = Q[s] . r_t."""
-    idx = tl.arange(0, C)
-    cols = tl.arange(0, N)
-    Q = tl.zeros([C, N], dtype=tl.float32)
-    A = tl.zeros([C, C], dtype=tl.float32)
-    for tau in range(C):
-        t = t0 + tau
-        r_t = load_vec(r_ptr, base, t, T, cols, stride_t)
-        k_t = load_vec(k_ptr, base, t, T, cols, stride_t)
-        d_t = tl.exp(tl.where(t < T, log_decay(load_vec(w_ptr, base, t, T, cols, stride_t)), 0.0))
-        a = tl.sum(Q * r_t[None, :], 1)                                  # A[t, s], s < t (rows s >= t are 0)
-        a = tl.where(idx == tau, tl.sum(r_t * u * k_t, 0), a)            # the bonus on the diagonal
-        A = tl.where(idx[:, None] == tau, a[None, :], A)
-        Q = tl.where(idx[:, None] == tau, k_t[None, :], Q * d_t[None, :])
-    return A
+from .common import block_decays, chunk_start_state, head_base, load_rows, store_rows
+from .pairs import pair_matrix
 
 
 @triton.jit
 def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
                    T, H, NC, stride_t, has_s0,
-                   N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+                   N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, IC: tl.constexpr,
+                   PREC: tl.constexpr):
     pid = tl.program_id(0)
     c = pid % NC
     bh = pid // NC
@@ -59,27 +42,33 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
         t0 = c * L + J * C
         rows = t0 + tl.arange(0, C)
         r = load_rows(r_ptr, base, rows, T, cols, stride_t)
+        k = load_rows(k_ptr, base, rows, T, cols, stride_t)
         v = load_rows(v_ptr, base, rows, T, jv, stride_t)
         E, F, tot = block_decays(w_ptr, base, t0, T, cols, stride_t, C)
         y = tl.dot(r * tl.exp(E), S, input_precision=PREC)                   # through the state
-        A = intra_rows(r_ptr, k_ptr, w_ptr, u, base, t0, T, stride_t, N, C)
+        A = pair_matrix(r_ptr, k_ptr, w_ptr, base, t0, T, stride_t, N, C, IC)
+        idx = tl.arange(0, C)
+        A = tl.where(idx[:, None] == idx[None, :], tl.sum(r * u[None, :] * k, 1)[:, None], A)   # the bonus
         y = tl.dot(A, v, acc=y, input_precision=PREC)                        # inside the sub-block
         store_rows(y_ptr, base, rows, T, jv, stride_t, y)
         if J < L // C - 1:
-            k = load_rows(k_ptr, base, rows, T, cols, stride_t)
             S = tl.exp(tot)[:, None] * S + tl.dot(tl.trans(k * tl.exp(F)), v, input_precision=PREC)
 
 
+# Launch settings, by head size; the benchmark may override them (benchmarks/gpu_torch.py, VARIANTS=1).
+TUNE = {}
+
+
 def forward_config(N):
-    """(BV, num_warps): one program covers all value channels up to N = 64; N = 128 splits them in two."""
-    return (N, 4) if N <= 64 else (64, 8)
+    """(BV, IC, num_warps): one program covers all value channels up to N = 64; N = 128 splits them in two."""
+    return TUNE.get(N, (N, min(N, 16), 4) if N <= 64 else (64, 16, 8))
 
 
 def launch_forward(r, k, v, w, u, s0, states, y, prec, L, C):
     B, T, H, N = r.shape
     NC = -(-T // L)
-    BV, warps = forward_config(N)
+    BV, IC, warps = forward_config(N)
     grid = (B * H * NC, N // BV)
     forward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, y,
                          T, H, NC, H * N, int(s0 is not None),
-                         N=N, BV=BV, L=L, C=C, PREC=prec, num_warps=warps)
+                         N=N, BV=BV, L=L, C=C, IC=IC, PREC=prec, num_warps=warps)

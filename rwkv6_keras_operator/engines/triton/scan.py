@@ -59,12 +59,17 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr,
         tl.store(out_ptr + bh.to(tl.int64) * N * N + soffs, S)
 
 
+# Launch settings override (benchmarks/gpu_torch.py, VARIANTS=1): {"many": (BK, BV, warps, stages), "few": ...}
+TUNE = {}
+
+
 def scan_tiles(N, BH):
-    """(BK, BV, num_warps) for the scan: split the key channels first (no duplicated work), and the value
-    channels too when there are few heads (long sequences, small batch) so that more programs run at once."""
+    """(BK, BV, num_warps, num_stages) for the scan: split the key channels first (no duplicated work), and the
+    value channels too when there are few heads (long sequences, small batch) so that more programs run at once."""
     BK = 16 if N >= 32 else N
-    BV = N if (BH * (N // BK) >= 512 or N <= 16) else max(16, N // 2)
-    return BK, min(BV, 64), 4
+    many = BH * (N // BK) >= 512
+    BV = N if (many or N <= 16) else max(16, N // 2)
+    return TUNE.get("many" if many else "few", (BK, min(BV, 64), 4, 3))
 
 
 def launch_scan(a, b, w, init, out, chunks, reverse, prec, L):
@@ -72,10 +77,11 @@ def launch_scan(a, b, w, init, out, chunks, reverse, prec, L):
     chunks: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward."""
     B, T, H, N = a.shape
     NC = -(-T // L)
-    BK, BV, warps = scan_tiles(N, B * H)
+    BK, BV, warps, stages = scan_tiles(N, B * H)
     grid = (B * H, N // BK, N // BV)
     dummy = chunks if chunks.numel() else a
     state_scan_kernel[grid](
         a, b, w, init if init is not None else dummy, out if out is not None else dummy, chunks,
         T, H, NC, H * N, int(init is not None),
-        N=N, L=L, BK=BK, BV=BV, REVERSE=reverse, STORE_OUT=out is not None, PREC=prec, num_warps=warps)
+        N=N, L=L, BK=BK, BV=BV, REVERSE=reverse, STORE_OUT=out is not None, PREC=prec, num_warps=warps,
+        num_stages=stages)
