@@ -210,6 +210,8 @@ def main():
         RESULTS["ours"][s] = time_ours(s, *SHAPES[s], variants)
         log(f"ours {s}: {RESULTS['ours'][s]}")
         torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "gpu_torch.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
     peers = [p for p in os.environ.get("PEERS", "fla").split(",") if p]
     if peers:
         run_peers(peers, shapes)

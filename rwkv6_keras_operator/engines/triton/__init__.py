@@ -5,7 +5,6 @@ Triton and the kernels are imported on first use, so importing the package never
 without a CUDA device the operator never picks this engine (is_available() is False); tests run the same
 kernels on CPU tensors under TRITON_INTERPRET=1 by calling `wkv` directly.
 """
-import functools
 import importlib.util
 import warnings
 
@@ -15,13 +14,21 @@ HEAD_SIZES = (16, 32, 64, 128)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-@functools.lru_cache(maxsize=None)
-def is_available():
+def _probe():
     try:
         import torch
     except ImportError:
         return False
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+# Probed once, at import (cheap: no CUDA context is created), so that is_available() is a constant that
+# torch.compile can trace through.
+_AVAILABLE = _probe()
+
+
+def is_available():
+    return _AVAILABLE
 
 
 _warned = set()

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device: the GPU checks of the Triton engine need one", allow_module_level=True)
 
 from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
+from rwkv6_keras_operator.engines import portable  # noqa: E402
 from rwkv6_keras_operator.engines import triton as engine  # noqa: E402
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,12 +122,12 @@ def test_unsupported_head_size_warns_and_runs_portable():
         assert not engine.supports(r, 48)
         assert not engine.supports(r, 48)
     assert len([w for w in caught if "head_size=48" in str(w.message)]) == 1
-    assert engines.select(r, 48, False) is engines.portable()
+    assert engines.select(r, 48, False) is portable
 
 
 def test_ops_loop_single_step_runs_portable():
     r = torch.zeros(2, 1, 1, 64, device="cuda")
-    assert engines.select(r, 64, True) is engines.portable()
+    assert engines.select(r, 64, True) is portable
     assert engines.select(r, 64, False) is engine
 
 
