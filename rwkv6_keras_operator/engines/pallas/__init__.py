@@ -1,15 +1,73 @@
-"""The pallas engine (jax backend, CUDA GPUs): not built yet; is_available() is False so calls run portable."""
+"""The pallas engine: the WKV operator as Pallas kernels (Triton lowering) for jax on CUDA GPUs.
+
+Ships with jaxlib: no CUDA toolkit, compiler or build step. The math is docs/math.md; the kernels are
+
+    chunked.py    per-chunk state terms and outputs         (parallel over chunks, rows, heads)
+    scan.py       the scan of states over chunks            (sequential over chunks)
+    grads.py      the backward inside each chunk            (parallel)
+    recurrent.py  step by step, for short sequences         (decode)
+
+composed by ops.py, made vmappable and SPMD-shardable by sharding.py, and differentiated here with one
+`jax.custom_vjp`. All Pallas API use is in core.py. `RWKV6_PALLAS_INTERPRET=1` runs the kernels in the
+Pallas interpreter on any device (the CPU tests do).
+"""
+import warnings
+
 NAME = "pallas"
 BACKEND = "jax"
 
+HEAD_SIZES = (16, 32, 64, 128, 256)
+DTYPES = ("float32", "bfloat16", "float16")
+# Sequences up to this length run the step-by-step kernel when no gradient is taken.
+DECODE_MAX_T = 16
+# Chunk length of the chunked kernels (a power of two >= 16).
+CHUNK = 32
+# Products for 16-bit inputs: "tf32" (float32 operands on the tensor cores) or "bf16"/"f16" (operands
+# rounded to the input dtype). float32 inputs always use float32-accurate products.
+LOW_PRECISION = "tf32"
+
+_warned = set()
+
+
+def _core():
+    try:
+        from . import core
+    except Exception:  # noqa: BLE001  (jax without Pallas Triton: the engine is simply unavailable)
+        return None
+    return core
+
 
 def is_available():
-    return False
+    """True on jax with a CUDA GPU (or with RWKV6_PALLAS_INTERPRET=1)."""
+    core = _core()
+    return core is not None and (core.FORCE_INTERPRET or core.on_gpu())
 
 
 def supports(r, head_size):
-    return False
+    """Head size and dtype this engine compiles for, and r on a GPU (tracers: jax's default backend)."""
+    import jax
+    import keras
+
+    dtype = keras.backend.standardize_dtype(r.dtype)
+    if head_size not in HEAD_SIZES or dtype not in DTYPES:
+        if (head_size, dtype) not in _warned:
+            _warned.add((head_size, dtype))
+            warnings.warn(f"rwkv6_keras_operator: the pallas engine takes head sizes {HEAD_SIZES} and dtypes "
+                          f"{DTYPES}; head_size={head_size}, dtype={dtype} runs the portable engine.")
+        return False
+    core = _core()
+    if core.FORCE_INTERPRET:
+        return True
+    if isinstance(r, jax.core.Tracer):
+        return core.on_gpu()
+    try:
+        return all(d.platform == "gpu" for d in r.devices())
+    except AttributeError:
+        return core.on_gpu()
 
 
 def wkv(r, k, v, w, u, s0):
-    raise NotImplementedError("the pallas engine is not built yet")
+    """y (B, T, H, N) in r's dtype and the float32 state after the last step (B, H, N, N)."""
+    from .vjp import wkv as _wkv
+
+    return _wkv(r, k, v, w, u, s0, chunk=CHUNK, low_precision=LOW_PRECISION, decode_max_t=DECODE_MAX_T)

@@ -40,6 +40,18 @@ def interpret():
     return FORCE_INTERPRET or not on_gpu()
 
 
+# Launch parameters, read when a kernel is traced (the benchmark sweeps them; defaults from the register
+# and spill reports of the compiled kernels, see benchmarks/notes_pallas.md).
+TUNING = {
+    "terms_warps": 4,
+    "output_warps": 8,
+    "grads_warps": 8,
+    "scan_warps": 2,
+    "scan_block": 16,        # value columns per scan program
+    "recurrent_block": 16,   # value columns per step-by-step program
+}
+
+
 def _params_class():
     # Renamed from TritonCompilerParams to CompilerParams in jax 0.7; the old name is gone in 0.8.
     return getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
@@ -115,13 +127,19 @@ def log_decay(w):
     return -jnp.exp(jnp.minimum(w.astype(F32), W_MAX))
 
 
-def split3(x):
-    """Three bfloat16 tiles whose exact sum is the float32 tile x (8 + 8 + 8 significant bits)."""
+def split3(x, pieces=3):
+    """bfloat16 tiles whose sum is the float32 tile x: 3 pieces carry all 24 bits (exact), 2 carry 16."""
     hi = x.astype(BF16)
     rest = x - hi.astype(F32)
     mid = rest.astype(BF16)
-    lo = (rest - mid.astype(F32)).astype(BF16)
-    return hi, mid, lo
+    if pieces == 2:
+        return hi, mid
+    return hi, mid, (rest - mid.astype(F32)).astype(BF16)
+
+
+def pieces(prec):
+    """Pieces of split3 for a kernel of product precision `prec`: all 24 bits for float32 inputs."""
+    return 3 if prec in ("tf32x3", "ieee") else 2
 
 
 def masked_sum(mask, parts):
@@ -132,9 +150,11 @@ def masked_sum(mask, parts):
     of rule 1 (no difference of running sums, no cancellation).
     """
     m = mask.astype(BF16)
-    hi, mid, lo = parts
-    small = mm(m, lo, "bf16") + mm(m, mid, "bf16")
-    return small + mm(m, hi, "bf16")
+    out = None
+    for part in reversed(parts):   # smallest first
+        term = mm(m, part, "bf16")
+        out = term if out is None else out + term
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -145,31 +165,36 @@ def grid2(L):
     return i[:, None], i[None, :]
 
 
-def levels(L):
-    """The tree levels h = 1, 2, 4, ..., L/2 (docs/math.md, "The binary tree inside a chunk")."""
-    h, out = 1, []
-    while h < L:
-        out.append(h)
-        h *= 2
-    return out
+def log2(L):
+    k = L.bit_length() - 1
+    assert L == 1 << k, L
+    return k
 
 
-def before_mask(L, h):
-    """[t, m]: m lies before t inside t's block of h positions (h = L: the whole chunk)."""
+def before_mask(L, shift):
+    """[t, m]: m lies before t inside t's block of h = 2**shift positions (shift may be traced)."""
     t, m = grid2(L)
-    return (m < t) & (t // h == m // h)
+    return (m < t) & ((t >> shift) == (m >> shift))
 
 
-def after_mask(L, h):
-    """[s, m]: m lies after s inside s's block of h positions."""
+def after_mask(L, shift):
+    """[s, m]: m lies after s inside s's block of h = 2**shift positions."""
     s, m = grid2(L)
-    return (m > s) & (s // h == m // h)
+    return (m > s) & ((s >> shift) == (m >> shift))
 
 
-def pair_mask(L, h):
-    """[t, s]: the pairs split at level h: t in the lower half, s in the upper half of one 2h-block."""
+def pair_mask(L, shift):
+    """[t, s]: the pairs split at level h = 2**shift: t in the lower, s in the upper half of a 2h-block."""
     t, s = grid2(L)
-    return (t // (2 * h) == s // (2 * h)) & (t // h != s // h) & (t > s)
+    return ((t >> (shift + 1)) == (s >> (shift + 1))) & ((t >> shift) != (s >> shift)) & (t > s)
+
+
+def span_mask(L, shift):
+    """[m, q]: for the pairs of level h = 2**shift, q is a position whose term spans m: q after m in a
+    lower half (q is the later member t of a pair), or q before m in an upper half (q is the earlier s)."""
+    m, q = grid2(L)
+    lower = ((q >> shift) & 1) == 1
+    return ((m >> shift) == (q >> shift)) & jnp.where(lower, q > m, q < m)
 
 
 def diag_mask(L):

@@ -21,6 +21,9 @@ with X^h_t = r_t * (the level-h part of dr_t), Y^h_s = k_s * (the level-h part o
 split at level h has s in the upper half and t in the lower half of one 2h-block, so for m in the lower
 half exactly the t > m of that half span it, and for m in the upper half exactly the s < m. Each sum is
 a masked product with exact 0/1 weights (core.masked_sum).
+
+Key blocks of at most 32 channels are handled one after the other (only one block's tiles are live at a
+time); every key-channel quantity above is per channel, and A, the only sum over channels, accumulates.
 """
 import functools
 
@@ -29,78 +32,82 @@ import jax.numpy as jnp
 
 from . import core
 from .chunked import blocks, chunk_rows, load_keys
-from .intra import bonus, scaled
+from .intra import level_loop
+
+KEY_BLOCK = 64
+
+
+def _add(acc, x):
+    return x if acc is None else acc + x
 
 
 def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
                   dr_ref, dk_ref, dv_ref, dw_ref, du_ref, *, T, L, N, prec):
     c, rows, valid = chunk_rows(L, T)
     h, b = core.program_id(1), core.program_id(2)
-    size, n = blocks(N)
-    kcols = [core.ds(i * size, size) for i in range(n)]
-    vcols = kcols
+    vsize, nv = blocks(N)
+    ksize, nk = blocks(N, KEY_BLOCK)
+    vcols = [core.ds(j * vsize, vsize) for j in range(nv)]
     vs = [core.load(v_ref.at[b, rows, h, cols], valid) for cols in vcols]
     dys = [core.load(dy_ref.at[b, rows, h, cols], valid) for cols in vcols]
     dA = e = None
     for v, dy in zip(vs, dys):
-        part, diag_part = core.mm(dy, v, prec, tb=True), jnp.sum(dy * v, axis=1, keepdims=True)
-        dA = part if dA is None else dA + part
-        e = diag_part if e is None else e + diag_part
-    keys = [load_keys(k_ref, w_ref, b, h, rows, valid, cols, L, r_ref=r_ref) for cols in kcols]
-    us = [core.load(u_ref.at[b, h, cols])[None, :] for cols in kcols]
+        dA = _add(dA, core.mm(dy, v, prec, tb=True))
+        e = _add(e, jnp.sum(dy * v, axis=1, keepdims=True))
+    K, npc = core.log2(L), core.pieces(prec)
+    after, before = core.after_mask(L, K), core.before_mask(L, K)
 
-    # Intra-chunk pairs, level by level: A (for dv) and the pair parts of dr and dk share the factors.
-    A = None
-    dr_pairs, dk_pairs, dg_pairs = [None] * n, [None] * n, [None] * n
-    for lvl in core.levels(L):
-        pairs = core.pair_mask(L, lvl)
+    A = diag = None
+    dvs = [None] * nv
+    for i in range(nk):
+        kcols = core.ds(i * ksize, ksize)
+        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, r_ref=r_ref, pieces=npc)
+        u = core.load(u_ref.at[b, h, kcols])[None, :]
+        # Level h = 1: neighbours, W = 1, no position between them (no dg part).
+        pairs = core.pair_mask(L, 0)
         dA_lvl = jnp.where(pairs, dA, 0.0)
-        A_lvl = None
-        for i, kb in enumerate(keys):
-            e_pre, e_suf = kb.level(lvl)
-            rq, kq = scaled(kb.r, e_pre), scaled(kb.k, e_suf)
-            part = core.mm(rq, kq, prec, tb=True)
-            A_lvl = part if A_lvl is None else A_lvl + part
-            part_r = scaled(core.mm(dA_lvl, kq, prec), e_pre)
-            part_k = scaled(core.mm(dA_lvl, rq, prec, ta=True), e_suf)
-            dr_pairs[i] = part_r if dr_pairs[i] is None else dr_pairs[i] + part_r
-            dk_pairs[i] = part_k if dk_pairs[i] is None else dk_pairs[i] + part_k
-            if lvl > 1:   # at h = 1 no position lies between the two of a pair
-                part_g = (core.masked_sum(core.after_mask(L, lvl), core.split3(kb.r * part_r))
-                          + core.masked_sum(core.before_mask(L, lvl), core.split3(kb.k * part_k)))
-                dg_pairs[i] = part_g if dg_pairs[i] is None else dg_pairs[i] + part_g
-        A_lvl = jnp.where(pairs, A_lvl, 0.0)
-        A = A_lvl if A is None else A + A_lvl
+        A = _add(A, jnp.where(pairs, core.mm(kb.r, kb.k, prec, tb=True), 0.0))
+        carry = (A, core.mm(dA_lvl, kb.k, prec), core.mm(dA_lvl, kb.r, prec, ta=True), jnp.zeros_like(kb.g))
 
-    diag = bonus(keys, us)
-    dvs = [core.mm(A, dy, prec, ta=True) + diag * dy for dy in dys]
-    after, before = core.after_mask(L, L), core.before_mask(L, L)
-    for i, (kb, u) in enumerate(zip(keys, us)):
+        def level(shift, carry, kb=kb):
+            # The pairs of level h = 2**shift: A (for dv) and the pair parts of dr, dk, dg share the factors.
+            A, dr, dk, dg = carry
+            pairs = core.pair_mask(L, shift)
+            dA_lvl = jnp.where(pairs, dA, 0.0)
+            e_pre, e_suf = kb.level(shift)
+            rq, kq = kb.r * e_pre, kb.k * e_suf
+            A = A + jnp.where(pairs, core.mm(rq, kq, prec, tb=True), 0.0)
+            part_r = core.mm(dA_lvl, kq, prec) * e_pre
+            part_k = core.mm(dA_lvl, rq, prec, ta=True) * e_suf
+            # r * part_r lives on lower halves, k * part_k on upper halves: one masked sum takes both.
+            dg = dg + core.masked_sum(core.span_mask(L, shift), core.split3(kb.r * part_r + kb.k * part_k, npc))
+            return A, dr + part_r, dk + part_k, dg
+
+        A, dr, dk, dg = level_loop(L, level, carry, unroll=False)
+        diag = _add(diag, jnp.sum(kb.r * u * kb.k, axis=1, keepdims=True))
+        # The states: S0 enters through pre, D through suf.
         e_pre, e_suf = kb.chunk_pre(), kb.chunk_suf()
         kq_end = kb.k * e_suf
         dyS = vD = SD = None
-        for j in range(n):
-            S = core.load(s_ref.at[b, h, c, kcols[i], vcols[j]])
-            D = core.load(d_ref.at[b, h, c, kcols[i], vcols[j]])
-            parts = (core.mm(dys[j], S, prec, tb=True), core.mm(vs[j], D, prec, tb=True),
-                     jnp.sum(S * D, axis=1)[None, :])
-            dyS, vD, SD = parts if dyS is None else (dyS + parts[0], vD + parts[1], SD + parts[2])
-            dvs[j] = dvs[j] + core.mm(kq_end, D, prec)
-        x_part = dr_pairs[i] + e_pre * dyS          # dr without the bonus term
-        y_part = dk_pairs[i] + e_suf * vD           # dk without the bonus term
+        for j in range(nv):
+            S = core.load(s_ref.at[b, h, c, kcols, vcols[j]])
+            D = core.load(d_ref.at[b, h, c, kcols, vcols[j]])
+            dyS = _add(dyS, core.mm(dys[j], S, prec, tb=True))
+            vD = _add(vD, core.mm(vs[j], D, prec, tb=True))
+            SD = _add(SD, jnp.sum(S * D, axis=1)[None, :])
+            dvs[j] = _add(dvs[j], core.mm(kq_end, D, prec))
+        x_state, y_state = e_pre * dyS, kq_end * vD
+        dg = (dg + core.masked_sum(after, core.split3(kb.r * x_state, npc))
+              + core.masked_sum(before, core.split3(y_state, npc)) + kb.chunk_tot() * SD)
         ue = u * e
-        dg = (core.masked_sum(after, core.split3(kb.r * e_pre * dyS))
-              + core.masked_sum(before, core.split3(kq_end * vD)) + kb.chunk_tot() * SD)
-        if dg_pairs[i] is not None:
-            dg = dg + dg_pairs[i]
-        w = core.load(w_ref.at[b, rows, h, kcols[i]], valid)
-        dw = jnp.where(w > core.W_MAX, 0.0, dg * kb.g)
-        core.store(dr_ref.at[b, rows, h, kcols[i]], x_part + ue * kb.k, valid)
-        core.store(dk_ref.at[b, rows, h, kcols[i]], y_part + ue * kb.r, valid)
-        core.store(dw_ref.at[b, rows, h, kcols[i]], dw, valid)
-        core.store(du_ref.at[b, h, c, kcols[i]], jnp.sum(kb.r * kb.k * e, axis=0))
-    for j in range(n):
-        core.store(dv_ref.at[b, rows, h, vcols[j]], dvs[j], valid)
+        w = core.load(w_ref.at[b, rows, h, kcols], valid)
+        core.store(dr_ref.at[b, rows, h, kcols], dr + x_state + ue * kb.k, valid)
+        core.store(dk_ref.at[b, rows, h, kcols], dk + e_suf * vD + ue * kb.r, valid)
+        core.store(dw_ref.at[b, rows, h, kcols], jnp.where(w > core.W_MAX, 0.0, dg * kb.g), valid)
+        core.store(du_ref.at[b, h, c, kcols], jnp.sum(kb.r * kb.k * e, axis=0))
+    for j in range(nv):
+        dv = dvs[j] + core.mm(A, dys[j], prec, ta=True) + diag * dys[j]
+        core.store(dv_ref.at[b, rows, h, vcols[j]], dv, valid)
 
 
 def grads(r, k, v, w, u, dy, starts, dends, *, L, prec):
@@ -110,6 +117,6 @@ def grads(r, k, v, w, u, dy, starts, dends, *, L, prec):
     kernel = functools.partial(_grads_kernel, T=T, L=L, N=N, prec=prec)
     like = jax.ShapeDtypeStruct(r.shape, r.dtype)
     return core.call(
-        kernel, grid=(nc, H, B), num_warps=4, num_stages=1, name="wkv6_grads",
+        kernel, grid=(nc, H, B), num_warps=core.TUNING["grads_warps"], num_stages=1, name="wkv6_grads",
         out_shape=(like, like, like, like, jax.ShapeDtypeStruct((B, H, nc, N), jnp.float32)),
     )(r, k, v, w, u, dy, starts, dends)

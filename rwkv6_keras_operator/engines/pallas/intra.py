@@ -12,6 +12,7 @@ to a few ulps (rules 1 and 3):
 The score matrix A[t, s] = sum_i r_t[i] k_s[i] W[t, s, i] (s < t) is the sum over levels of the masked
 products (r * exp(pre_h)) (k * exp(suf_h))^T; the backward uses the same factors transposed.
 """
+from jax import lax
 import jax.numpy as jnp
 
 from . import core
@@ -20,47 +21,59 @@ from . import core
 class ChunkKeys:
     """r, k, g of one key block of one chunk, with the decay factors built on demand."""
 
-    def __init__(self, r, k, g, L):
+    def __init__(self, r, k, g, L, pieces=3):
         self.r, self.k, self.g, self.L = r, k, g, L
-        self.parts = core.split3(g)
+        self.parts = core.split3(g, pieces)
 
-    def level(self, h):
-        """exp(pre_h), exp(suf_h): (L, BK) tiles, or (None, None) at h = 1 where both are empty products."""
-        if h == 1:
-            return None, None
-        pre = core.masked_sum(core.before_mask(self.L, h), self.parts)
-        suf = core.masked_sum(core.after_mask(self.L, h), self.parts)
+    def level(self, shift):
+        """exp(pre_h), exp(suf_h) for h = 2**shift >= 2: (L, BK) tiles."""
+        pre = core.masked_sum(core.before_mask(self.L, shift), self.parts)
+        suf = core.masked_sum(core.after_mask(self.L, shift), self.parts)
         return jnp.exp(pre), jnp.exp(suf)
 
     def chunk_pre(self):
         """exp(sum_{m<t} g_m): the decay from the chunk start to just before t."""
-        return jnp.exp(core.masked_sum(core.before_mask(self.L, self.L), self.parts))
+        return jnp.exp(core.masked_sum(core.before_mask(self.L, core.log2(self.L)), self.parts))
 
     def chunk_suf(self):
         """exp(sum_{m>s} g_m): the decay from just after s to the chunk end."""
-        return jnp.exp(core.masked_sum(core.after_mask(self.L, self.L), self.parts))
+        return jnp.exp(core.masked_sum(core.after_mask(self.L, core.log2(self.L)), self.parts))
 
     def chunk_tot(self):
         """exp(sum_m g_m) as a (1, BK) row: the decay over the whole chunk."""
         return jnp.exp(jnp.sum(self.g, axis=0, keepdims=True))
 
 
-def scaled(x, factor):
-    return x if factor is None else x * factor
+def level_loop(L, body, carry, unroll):
+    """carry = body(shift, carry) for the levels h = 2**shift = 2, 4, ..., L/2, unrolled or as a loop.
+
+    Level h = 1 (pairs of neighbours, W = 1: no decay between them) is left to the callers.
+    """
+    K = core.log2(L)
+    if unroll:
+        for shift in range(1, K):
+            carry = body(shift, carry)
+        return carry
+    return lax.fori_loop(1, K, body, carry) if K > 1 else carry
 
 
-def scores(blocks, L, prec):
+def scores(blocks, L, prec, unroll=True):
     """A[t, s] = sum_i r_t k_s W[t, s] for s < t (0 elsewhere), summed over the key blocks."""
     A = None
-    for h in core.levels(L):
-        level = None
+    for kb in blocks:
+        part = core.mm(kb.r, kb.k, prec, tb=True)
+        A = part if A is None else A + part
+    A = jnp.where(core.pair_mask(L, 0), A, 0.0)
+
+    def level(shift, A):
+        acc = None
         for kb in blocks:
-            e_pre, e_suf = kb.level(h)
-            part = core.mm(scaled(kb.r, e_pre), scaled(kb.k, e_suf), prec, tb=True)
-            level = part if level is None else level + part
-        level = jnp.where(core.pair_mask(L, h), level, 0.0)
-        A = level if A is None else A + level
-    return A
+            e_pre, e_suf = kb.level(shift)
+            part = core.mm(kb.r * e_pre, kb.k * e_suf, prec, tb=True)
+            acc = part if acc is None else acc + part
+        return A + jnp.where(core.pair_mask(L, shift), acc, 0.0)
+
+    return level_loop(L, level, A, unroll)
 
 
 def bonus(blocks, us):
@@ -70,20 +83,3 @@ def bonus(blocks, us):
         part = jnp.sum(kb.r * u * kb.k, axis=1, keepdims=True)
         out = part if out is None else out + part
     return out
-
-
-def score_grads(kb, dA, L, prec):
-    """The intra-chunk parts of dr and dk for one key block, given dA[t, s] = dy_t . v_s.
-
-    dr_t = sum_{s<t} dA[t, s] k_s * W[t, s],   dk_s = sum_{t>s} dA[t, s] r_t * W[t, s]
-    computed level by level with the same factors as `scores`.
-    """
-    dr = dk = None
-    for h in core.levels(L):
-        e_pre, e_suf = kb.level(h)
-        dA_h = jnp.where(core.pair_mask(L, h), dA, 0.0)
-        part_r = scaled(core.mm(dA_h, scaled(kb.k, e_suf), prec), e_pre)
-        part_k = scaled(core.mm(dA_h, scaled(kb.r, e_pre), prec, ta=True), e_suf)
-        dr = part_r if dr is None else dr + part_r
-        dk = part_k if dk is None else dk + part_k
-    return dr, dk

@@ -34,10 +34,10 @@ def _step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, s_ref, *, T, 
     core.store(s_ref.at[b, h, :, vcols], S)
 
 
-def recurrent(r, k, v, w, u, s0, *, BV=16):
+def recurrent(r, k, v, w, u, s0):
     """y (B, T, H, N) in r's dtype and the final state (B, H, N, N) float32."""
     B, T, H, N = r.shape
-    BV = min(BV, N)
+    BV = min(core.TUNING["recurrent_block"], N)
     kernel = functools.partial(_step_kernel, T=T, BV=BV)
     return core.call(
         kernel, grid=(N // BV, H, B), num_warps=2, num_stages=2, name="wkv6_recurrent",

@@ -32,13 +32,13 @@ def _scan_kernel(x_ref, a_ref, s0_ref, out_ref, last_ref, *, nc, BV, reverse):
     core.store(last_ref.at[b, h, :, vcols], S)
 
 
-def scan(X, a, s0, *, reverse=False, BV=16):
+def scan(X, a, s0, *, reverse=False):
     """out (B, H, nc, N, N) and the final (B, H, N, N), float32."""
     B, H, nc, N, _ = X.shape
-    BV = min(BV, N)
+    BV = min(core.TUNING["scan_block"], N)
     kernel = functools.partial(_scan_kernel, nc=nc, BV=BV, reverse=reverse)
     return core.call(
-        kernel, grid=(N // BV, H, B), num_warps=2, num_stages=3, name="wkv6_scan",
+        kernel, grid=(N // BV, H, B), num_warps=core.TUNING["scan_warps"], num_stages=3, name="wkv6_scan",
         out_shape=(jax.ShapeDtypeStruct(X.shape, jnp.float32),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(X, a, s0)
