@@ -6,7 +6,7 @@ On the GPU machine, from the repository root:
     PEERS=fla,seed python3 benchmarks/gpu_torch.py                            # + the seed package (builds CUDA)
     PEERS= SHAPES=train python3 benchmarks/gpu_torch.py                       # ours only, one shape
 Env: PEERS (fla, seed; comma list, empty for none), SHAPES (train, long, decode), SKIP_CHECK=1, VARIANTS=1 (also
-time the identity-form dg and each kernel alone). Peers run in their own processes (.gpukit/peers/peer_bench.py):
+time each kernel alone, under a few launch settings). Peers run in their own processes (.gpukit/peers/peer_bench.py):
 the seed package and this one share an import name. Writes $OUT/gpu_torch.json (OUT defaults to /tmp) and prints
 a table last. Timings: triton.testing.do_bench, median, bf16 inputs, u float32, random data.
 """
@@ -120,17 +120,14 @@ def time_ours(name, B, T, H, N, variants):
 
         res["operator_fwd_bwd_ms"] = bench(ofb, grad_to_none=tc)
     if variants:
-        binding.EXACT_DG = False
-        res["fwd_bwd_identity_dg_ms"] = bench(fb, grad_to_none=ts)
-        binding.EXACT_DG = True
         RESULTS["kernels"][name] = time_kernels(r, k, v, w, u, dy)
     return res
 
 
 VARIANT_CONFIGS = {  # module: configs to try (the first is the default); see each module's *_config/scan_tiles
     "scan": [None, (16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 3), (16, 16, 2, 3)],
-    "forward": [None, (64, 16, 8), (64, 8, 4), (64, 32, 8)],
-    "backward": [None, (16, 4, 2), (16, 8, 3), (16, 16, 2)],
+    "forward": [None, (64, 8), (32, 4)],
+    "backward": [None, (4, 2), (8, 3), (16, 1)],
 }
 
 
@@ -145,17 +142,17 @@ def time_kernels(r, k, v, w, u, dy):
     L, C, prec = binding.CHUNK, binding.SUB, "tf32"
     NC = -(-T // L)
     y, state, states = binding.forward_impl(r, k, v, w, u, None)
+    scratch = torch.empty(r.shape, dtype=torch.float32, device="cuda")
     dstates = torch.empty((B, H, NC, N, N), device="cuda")
     grads = [torch.empty_like(r) for _ in range(4)]
     du = torch.empty((B * NC, H, N), device="cuda")
     runs = {
         "scan": lambda: (launch_scan(k, v, w, None, state, states, False, prec, L),
                          launch_scan(r, dy, w, None, None, dstates, True, prec, L)),
-        "forward": lambda: launch_forward(r, k, v, w, u, None, states, y, prec, L, C),
-        "backward": lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads, du, prec, L, C),
+        "forward": lambda: launch_forward(r, k, v, w, u, None, states, y, scratch, prec, L, C),
+        "backward": lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads, du, scratch, prec, L, C),
     }
-    out = {"backward_identity_dg_ms": bench(lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads,
-                                                                    du, prec, L, C, False))}
+    out = {}
     few = B * H * 4 < 512
     for name, module in (("scan", scan), ("forward", forward), ("backward", backward)):
         for cfg in VARIANT_CONFIGS[name]:

@@ -20,9 +20,6 @@ from .scan import launch_scan
 
 CHUNK = 64     # L: tokens per chunk (one stored state each)
 SUB = 16       # C: rows per sub-block (the tensor-core tile height)
-# dg's pair terms as direct sums (True), or through the dg identity of docs/math.md (False: cheaper, but its
-# rounding is multiplied by |g| where a decay is tiny; see backward.py).
-EXACT_DG = True
 
 
 def _precision(dtype):
@@ -60,7 +57,8 @@ def forward_impl(r, k, v, w, u, s0):
         else:
             prec = _precision(r.dtype)
             launch_scan(k, v, w, s0, state, states, False, prec, CHUNK)
-            launch_forward(r, k, v, w, u, s0, states, y, prec, CHUNK, SUB)
+            scratch = torch.empty(r.shape, dtype=torch.float32, device=r.device)   # the decays, float32
+            launch_forward(r, k, v, w, u, s0, states, y, scratch, prec, CHUNK, SUB)
     return y, state, states
 
 
@@ -80,8 +78,8 @@ def backward_impl(r, k, v, w, u, s0, states, dy, dstate):
     prec = _precision(r.dtype)
     with _device(r):
         launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, prec, CHUNK)
-        launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, prec, CHUNK, SUB,
-                        EXACT_DG)
+        scratch = torch.empty(r.shape, dtype=torch.float32, device=dev)      # the decays, float32
+        launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, scratch, prec, CHUNK, SUB)
     return dr, dk, dv, dw, du_part.sum(0), ds0
 
 

@@ -8,8 +8,8 @@ next in registers. For a sub-block with start state S_J, exclusive prefix sums E
     y_t   = (r_t * exp(E_t)) . S_J  +  sum_{s <= t in J} A[t, s] v_s          (tensor cores: C x N x BV, C x C x BV)
     S_J+1 = diag(exp(tot)) S_J  +  sum_{s in J} (k_s * exp(F_s)) v_s^T         (tensor cores: N x C x BV)
 
-and the C x C diagonal block A (pairs inside the sub-block) is built element by element from direct products
-(pairs.py), with the bonus on its diagonal:
+and the pairs inside the sub-block are summed element by element from direct products (bands.py), with the
+bonus on the diagonal:
 
     A[t, s] = sum_i r_t[i] k_s[i] prod_{s<m<t} d_m[i]   (s < t),     A[t, t] = sum_i r_t[i] u[i] k_t[i].
 
@@ -19,15 +19,14 @@ exp of a direct sum over a contiguous range (<= 0) or a product of decays, so no
 import triton
 import triton.language as tl
 
-from .common import block_decays, chunk_start_state, head_base, load_rows, store_rows
-from .pairs import pair_matrix
+from .bands import band_rows, store_decays
+from .common import chunk_start_state, g_rows, head_base, load_rows, store_rows
 
 
 @triton.jit
-def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
+def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr, d_ptr,
                    T, H, NC, stride_t, has_s0,
-                   N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, IC: tl.constexpr,
-                   PREC: tl.constexpr):
+                   N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     c = pid % NC
     bh = pid // NC
@@ -38,21 +37,24 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
     jv = tl.program_id(1) * BV + tl.arange(0, BV)
     u = tl.load(u_ptr + h * N + cols)
     S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, jv, N)     # (N, BV)
+    idx = tl.arange(0, C)
     for J in tl.static_range(L // C):
         t0 = c * L + J * C
-        rows = t0 + tl.arange(0, C)
+        rows = t0 + idx
         r = load_rows(r_ptr, base, rows, T, cols, stride_t)
         k = load_rows(k_ptr, base, rows, T, cols, stride_t)
         v = load_rows(v_ptr, base, rows, T, jv, stride_t)
-        E, F, tot = block_decays(w_ptr, base, t0, T, cols, stride_t, C)
-        y = tl.dot(r * tl.exp(E), S, input_precision=PREC)                   # through the state
-        A = pair_matrix(r_ptr, k_ptr, w_ptr, base, t0, T, stride_t, N, C, IC)
-        idx = tl.arange(0, C)
-        A = tl.where(idx[:, None] == idx[None, :], tl.sum(r * u[None, :] * k, 1)[:, None], A)   # the bonus
-        y = tl.dot(A, v, acc=y, input_precision=PREC)                        # inside the sub-block
+        g, d = store_decays(w_ptr, d_ptr, base, rows, T, cols, stride_t)
+        tl.debug_barrier()                                                  # the scratch d is written
+        y, pre = band_rows(r, k_ptr, v_ptr, d_ptr, base, t0, T, stride_t, cols, jv, C)   # pairs inside
+        y += tl.sum(r * u[None, :] * k, 1)[:, None] * v                      # the bonus
+        y = tl.dot(r * pre, S, acc=y, input_precision=PREC)                  # through the state
         store_rows(y_ptr, base, rows, T, jv, stride_t, y)
         if J < L // C - 1:
-            S = tl.exp(tot)[:, None] * S + tl.dot(tl.trans(k * tl.exp(F)), v, input_precision=PREC)
+            # suf_s = exp(sum_{s<m<t0+C} g_m): g of the row after, summed backward (direct sums, <= 0)
+            g_next = g_rows(w_ptr, base, rows + 1, idx < C - 1, T, cols, stride_t)
+            kq = k * tl.exp(tl.cumsum(g_next, 0, reverse=True))
+            S = tl.exp(tl.sum(g, 0))[:, None] * S + tl.dot(tl.trans(kq), v, input_precision=PREC)
 
 
 # Launch settings, by head size; the benchmark may override them (benchmarks/gpu_torch.py, VARIANTS=1).
@@ -60,15 +62,16 @@ TUNE = {}
 
 
 def forward_config(N):
-    """(BV, IC, num_warps): one program covers all value channels up to N = 64; N = 128 splits them in two."""
-    return TUNE.get(N, (N, min(N, 16), 4) if N <= 64 else (64, 16, 8))
+    """(BV, num_warps): one program covers all value channels up to N = 64; N = 128 splits them in two."""
+    return TUNE.get(N, (N, 4) if N <= 64 else (64, 8))
 
 
-def launch_forward(r, k, v, w, u, s0, states, y, prec, L, C):
+def launch_forward(r, k, v, w, u, s0, states, y, scratch, prec, L, C):
+    """scratch: float32 like r (the decays, written and read by the kernel)."""
     B, T, H, N = r.shape
     NC = -(-T // L)
-    BV, IC, warps = forward_config(N)
+    BV, warps = forward_config(N)
     grid = (B * H * NC, N // BV)
-    forward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, y,
+    forward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, y, scratch,
                          T, H, NC, H * N, int(s0 is not None),
-                         N=N, BV=BV, L=L, C=C, IC=IC, PREC=prec, num_warps=warps)
+                         N=N, BV=BV, L=L, C=C, PREC=prec, num_warps=warps)

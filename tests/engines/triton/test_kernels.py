@@ -29,7 +29,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run(x, dtype="float32", init=None, state_map=None, dy=None, dstate=None, exact=True):
+def run(x, dtype="float32", init=None, state_map=None, dy=None, dstate=None):
     """Engine output, final state and gradients (r, k, v, w, u, init) of sum(y * dy) + sum(state * dstate).
 
     init: (n, H, N, N) NumPy start states; row b starts from init[state_map[b]] (the gather the operator does)."""
@@ -44,21 +44,17 @@ def run(x, dtype="float32", init=None, state_map=None, dy=None, dstate=None, exa
         index = torch.tensor(np.arange(B) if state_map is None else np.asarray(state_map), device=DEVICE)
         s0 = leaves[-1][index]
     r, k, v, w = (a.view(B, T, H, N) for a in leaves[:4])
-    saved, binding.EXACT_DG = binding.EXACT_DG, exact
-    try:
-        y, state = engine.wkv(r, k, v, w, leaves[4], s0)
-        loss = (y.float().reshape(B, T, C) * torch.tensor(dy, device=DEVICE)).sum()
-        if dstate is not None:
-            loss = loss + (state * torch.tensor(dstate, device=DEVICE)).sum()
-        grads = torch.autograd.grad(loss, leaves)
-    finally:
-        binding.EXACT_DG = saved
+    y, state = engine.wkv(r, k, v, w, leaves[4], s0)
+    loss = (y.float().reshape(B, T, C) * torch.tensor(dy, device=DEVICE)).sum()
+    if dstate is not None:
+        loss = loss + (state * torch.tensor(dstate, device=DEVICE)).sum()
+    grads = torch.autograd.grad(loss, leaves)
     as_np = lambda a: a.detach().float().cpu().numpy().astype(np.float64)  # noqa: E731
     assert y.dtype == dt and y.shape == (B, T, H, N) and state.dtype == torch.float32
     return as_np(y).reshape(B, T, C), as_np(state), [as_np(g) for g in grads]
 
 
-def check(B, T, H, N, decay, dtype="float32", n_state=None, state_map=None, with_dstate=True, seed=0, exact=True):
+def check(B, T, H, N, decay, dtype="float32", n_state=None, state_map=None, with_dstate=True, seed=0):
     x = make_inputs(B, T, H, N, seed, decay=decay, n_state=n_state)
     if dtype != "float32":
         x.update({n: bf16_round(x[n]) if dtype == "bfloat16" else x[n].astype(np.float16).astype(np.float32)
@@ -67,7 +63,7 @@ def check(B, T, H, N, decay, dtype="float32", n_state=None, state_map=None, with
     dy = rng.standard_normal((B, T, H * N)).astype(np.float32)
     dstate = rng.standard_normal((B, H, N, N)).astype(np.float32) if with_dstate else None
     init = x.get("init_state")
-    y, state, grads = run(x, dtype, init, state_map, dy, dstate, exact)
+    y, state, grads = run(x, dtype, init, state_map, dy, dstate)
     y_ref, s_ref = wkv_reference(*(x[n] for n in "rkvwu"), N, init, state_map)
     g_ref = wkv_reference_grads(*(x[n] for n in "rkvwu"), N, dy, dstate, init, state_map)
     tol_out, tol_grad = (FP32_OUT, FP32_GRAD) if dtype == "float32" else (BF16, BF16)
@@ -98,11 +94,6 @@ def test_single_step(with_state):
 @pytest.mark.parametrize("N", [64, 128])
 def test_head_sizes(N):
     check(1, 20, 1, N, "strong", n_state=1)
-
-
-def test_identity_form_of_dg():
-    """The cheaper dg (the identity of docs/math.md for the pair terms) is right too at normal decays."""
-    check(1, 40, 1, 16, "normal", n_state=1, exact=False)
 
 
 def test_extreme_decays():
