@@ -73,8 +73,10 @@ def _tree_intra(r, k, v, d):
         # pair block of this level: t in the lower half, s in the upper half
         rq = r5[:, :, 1] * pre5[:, :, 1]
         kq = k5[:, :, 0] * suf5[:, :, 0]
-        a = ops.einsum("bxtn,bxsn->bxts", rq, kq)
-        y_dn = ops.einsum("bxts,bxsn->bxtn", a, v5[:, :, 0])
+        # (a copied, not a strided view, as matmul operand: torch's CPU backward of bmm on strided views
+        # takes a per-matrix slow path)
+        a = ops.matmul(rq, ops.swapaxes(kq, -1, -2))
+        y_dn = ops.matmul(a, ops.copy(v5[:, :, 0]))
         y = y + ops.reshape(ops.stack([ops.zeros_like(y_dn), y_dn], axis=2), (-1, L, N))
         # grow the products to blocks of 2h: each half takes in the other half's total on its far side
         pre = ops.reshape(ops.stack([pre5[:, :, 0], pre5[:, :, 1] * tot_up], axis=2), (-1, L, N))
@@ -112,7 +114,7 @@ def chunked_wkv(r, k, v, w, u, s0, chunk=CHUNK):
     y_intra, pre, suf, tot = _tree_intra(rc, kc, vc, dc)
 
     # the chunk's own contribution to the state, and its decay
-    kv = ops.einsum("mln,mlj->mnj", kc * suf, vc)              # (M, N, N)
+    kv = ops.matmul(ops.swapaxes(kc * suf, -1, -2), vc)                  # (M, N, N)
     kv = ops.transpose(ops.reshape(kv, (B, H, nc, N, N)), (2, 0, 1, 3, 4))  # (nc, B, H, N, N)
     if s0 is None:
         s0 = ops.zeros_like(kv[0])
@@ -125,6 +127,6 @@ def chunked_wkv(r, k, v, w, u, s0, chunk=CHUNK):
 
     s_last, s_starts = scan(step, s0, (decay, kv))                       # s_starts: (nc, B, H, N, N)
     s_starts = ops.reshape(ops.transpose(s_starts, (1, 2, 0, 3, 4)), (-1, N, N))
-    y = y_intra + ops.einsum("mli,mij->mlj", rc * pre, s_starts)
+    y = y_intra + ops.matmul(rc * pre, s_starts)
     y = ops.transpose(ops.reshape(y, (B, H, nc * L, N)), (0, 2, 1, 3))[:, :T]
     return ops.cast(y + bonus, dtype), s_last
