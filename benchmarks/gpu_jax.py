@@ -1,0 +1,329 @@
+"""The Pallas engine on one GPU: correctness against the float64 oracle, then speed, with the peers measured in
+the same run (rwkv-ops 0.11.3's JAX CUDA kernel, and fla 0.6.0 chunk_rwkv6 from torch), each in its own process.
+
+On the GPU machine, from the repository root:
+    . .gpukit/setup_env.sh && python3 benchmarks/gpu_jax.py
+    PEERS= SHAPES=train VARIANTS= python3 benchmarks/gpu_jax.py        # ours only, one shape, default config
+Env: SHAPES (train, long, decode; comma list), PEERS (rwkv_ops, fla; comma list, empty for none),
+     VARIANTS (comma list of names in VARIANT_CONFIGS, timed at the training shape; empty for none),
+     KERNELS=0 (skip the per-kernel breakdown), SKIP_CHECK=1, PEER_TIMEOUT (s, default 420),
+     SMOKE=1 (tiny shapes: a dry run of the script on CPU with RWKV6_PALLAS_INTERPRET=1).
+Writes $OUT/gpu_jax.json (OUT defaults to /tmp) and prints a table last. bf16 inputs, u float32, random data;
+times are medians of individually synchronised calls (as .gpukit/peers/peer_bench.py times rwkv-ops), and for
+decode the mean over 200 back-to-back calls (a single call is shorter than a host round trip).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
+from rwkv6_keras_operator.engines import pallas  # noqa: E402
+from rwkv6_keras_operator.engines.pallas import chunked, core, grads, ops, scan  # noqa: E402
+from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+SHAPES = {"train": (8, 4096, 32, 64), "long": (1, 16384, 32, 64), "decode": (64, 1, 32, 64)}
+if os.environ.get("SMOKE") == "1":   # a dry run of this script on CPU (RWKV6_PALLAS_INTERPRET=1), tiny shapes
+    SHAPES = {"train": (1, 64, 2, 32), "long": (1, 128, 1, 32), "decode": (4, 1, 2, 32)}
+PEER_SHAPES = {"train": "train_8x4096_h32", "long": "long_1x16384_h32", "decode": "decode_64x1_h32"}
+DEFAULTS = {"chunk": pallas.CHUNK, "low_precision": pallas.LOW_PRECISION, **core.TUNING}
+# Configurations timed at the training shape (fwd and fwd+bwd); each changes the defaults above.
+VARIANT_CONFIGS = {
+    "default": {},
+    "bf16-products": {"low_precision": "bf16"},
+    "chunk64": {"chunk": 64},
+    "chunk64-bf16": {"chunk": 64, "low_precision": "bf16"},
+    "warps4": {"output_warps": 4, "grads_warps": 4},
+    "chunk16": {"chunk": 16},
+}
+RESULTS = {"date": time.strftime("%Y-%m-%d"), "check": [], "ours": {}, "variants": {}, "kernels": {}, "peers": {},
+           "errors": []}
+T0 = time.time()
+
+
+def log(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def configure(cfg):
+    """Set the engine's configuration (read when a function is traced: every timing jits afresh)."""
+    pallas.CHUNK = cfg.get("chunk", DEFAULTS["chunk"])
+    pallas.LOW_PRECISION = cfg.get("low_precision", DEFAULTS["low_precision"])
+    for key in core.TUNING:
+        core.TUNING[key] = cfg.get(key, DEFAULTS[key])
+
+
+def timeit(f, *args, n=20):
+    """Median ms of n individually synchronised calls, after two warm-up calls (compilation)."""
+    jax.block_until_ready(f(*args))
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def timeit_stream(f, *args, n=200):
+    """Mean ms over n back-to-back calls (one synchronisation): for calls shorter than a host round trip."""
+    jax.block_until_ready(f(*args))
+    t = time.perf_counter()
+    for _ in range(n):
+        out = f(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def guarded(what):
+    def wrap(fn):
+        def run(*a, **k):
+            try:
+                return fn(*a, **k)
+            except Exception as e:  # noqa: BLE001  (one failing part must not lose the others' numbers)
+                RESULTS["errors"].append({"what": what, "err": repr(e)[:600], "tb": traceback.format_exc()[-2500:]})
+                log(f"FAILED {what}: {e!r}"[:800])
+        return run
+    return wrap
+
+
+# ------------------------------------------------------------------------------------------------- correctness
+@guarded("check")
+def check():
+    """Fresh random inputs each run; masks (decay exactly 0 and 1) sprinkled in; fp32, bf16, fp16."""
+    seed = int(time.time()) % 100000
+    B, T, H, N = 2, 300, 2, 64
+    C = H * N
+    op = RWKVKernelOperator(N, T)
+    for decay in ("normal", "strong"):
+        rng = np.random.default_rng(seed)
+        r, k, v = (rng.standard_normal((B, T, C)).astype(np.float32) * 0.5 for _ in range(3))
+        w = (rng.standard_normal((B, T, C)) - 1 if decay == "normal" else rng.uniform(-3, 4.5, (B, T, C)))
+        w[rng.random(w.shape) < 0.1] = -1e9
+        w[rng.random(w.shape) < 0.03] = 100.0
+        w = w.astype(np.float32)
+        u = (rng.standard_normal((H, N)) * 0.5).astype(np.float32)
+        s0 = (rng.standard_normal((B, H, N, N)) * 0.3).astype(np.float32)
+        dy = rng.standard_normal((B, T, C)).astype(np.float32)
+        ds = rng.standard_normal((B, H, N, N)).astype(np.float32)
+        for dtype in ("float32", "bfloat16", "float16"):
+            tol_out, tol_grad = (1e-5, 1e-4) if dtype == "float32" else (1e-2, 1e-2)
+            xs = [jnp.asarray(a).astype(dtype) for a in (r, k, v, w)]
+            seen = [np.asarray(a.astype(jnp.float32)) for a in xs]
+            dy_t = jnp.asarray(dy).astype(dtype)
+            assert engines.select(xs[0], N, False) is pallas
+
+            def f(r, k, v, w, u, s0):
+                return op(r, k, v, w, u, with_state=True, init_state=s0)
+
+            (y, s), pullback = jax.vjp(jax.jit(f), *xs, jnp.asarray(u), jnp.asarray(s0))
+            g = pullback((dy_t, jnp.asarray(ds)))
+            y_ref, s_ref = wkv_reference(*seen, u, N, s0)
+            g_ref = wkv_reference_grads(*seen, u, N, np.asarray(dy_t.astype(jnp.float32)), ds, s0)
+            errs = {"y": rel(np.asarray(y, np.float32), y_ref), "state": rel(s, s_ref)}
+            for name, gi in zip(["r", "k", "v", "w", "u", "init_state"], g):
+                errs["d" + name] = rel(np.asarray(gi, np.float32), g_ref[name])
+            ok = all(e <= (tol_out if n in ("y", "state") else tol_grad) for n, e in errs.items())
+            RESULTS["check"].append({"decay": decay, "dtype": dtype, "seed": seed, "ok": ok, **errs})
+            log(f"check {decay:6s} {dtype:8s} {'ok' if ok else 'FAIL'} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+
+
+# ------------------------------------------------------------------------------------------------------ speed
+def make(B, T, H, N, seed=0):
+    C = H * N
+    keys = jax.random.split(jax.random.PRNGKey(seed), 7)
+    r, k, v = (jax.random.normal(keys[i], (B, T, C)).astype(jnp.bfloat16) * 0.5 for i in range(3))
+    w = (jax.random.normal(keys[3], (B, T, C)) - 1).astype(jnp.bfloat16)
+    u = jax.random.normal(keys[4], (H, N)) * 0.5
+    dy = jax.random.normal(keys[5], (B, T, C)).astype(jnp.bfloat16)
+    s0 = jax.random.normal(keys[6], (B, H, N, N)) * 0.3
+    return r, k, v, w, u, dy, s0
+
+
+def speed(name, B, T, H, N, grad=True):
+    r, k, v, w, u, dy, s0 = make(B, T, H, N)
+    op = RWKVKernelOperator(N, T)
+    if T == 1:   # decode: one token, state in and out
+        f = jax.jit(lambda r, k, v, w, u, s0: op(r, k, v, w, u, with_state=True, init_state=s0))
+        return {"fwd_ms": timeit_stream(f, r, k, v, w, u, s0), "method": "mean of 200 streamed calls"}
+    f = jax.jit(lambda r, k, v, w, u: op(r, k, v, w, u)[0])
+    out = {"fwd_ms": timeit(f, r, k, v, w, u)}
+    if grad:
+        def loss(r, k, v, w, u):
+            return jnp.sum(op(r, k, v, w, u)[0].astype(jnp.float32) * dy.astype(jnp.float32))
+
+        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+        out["fwd_bwd_ms"] = timeit(g, r, k, v, w, u)
+    return out
+
+
+@guarded("speed")
+def speed_shapes(shapes):
+    configure({})
+    for name in shapes:
+        B, T, H, N = SHAPES[name]
+        log(f"ours {name} {SHAPES[name]}")
+        RESULTS["ours"][name] = {"shape": [B, T, H, N], **speed(name, B, T, H, N)}
+        log(f"  {RESULTS['ours'][name]}")
+
+
+@guarded("variants")
+def variants(names):
+    B, T, H, N = SHAPES["train"]
+    for name in names:
+        cfg = VARIANT_CONFIGS[name]
+        configure(cfg)
+        try:
+            log(f"variant {name} {cfg}")
+            RESULTS["variants"][name] = {"config": cfg, **speed("train", B, T, H, N)}
+            log(f"  {RESULTS['variants'][name]}")
+        except Exception as e:  # noqa: BLE001
+            RESULTS["variants"][name] = {"config": cfg, "err": repr(e)[:400]}
+            log(f"  FAILED {e!r}"[:600])
+    configure({})
+
+
+@guarded("kernels")
+def kernels():
+    """Each kernel alone at the training shape, default configuration."""
+    configure({})
+    B, T, H, N = SHAPES["train"]
+    r, k, v, w, u, dy, s0 = make(B, T, H, N)
+    L = ops.chunk_length(T, pallas.CHUNK)
+    prec = ops.precision(r.dtype, pallas.LOW_PRECISION)
+    x4 = [a.reshape(B, T, H, N) for a in (r, k, v, w, dy)]
+    ub = jnp.broadcast_to(u[None], (B, H, N))
+    terms = jax.jit(lambda k, v, w: chunked.state_terms(k, v, w, L=L, prec=prec))
+    X, a = terms(x4[1], x4[2], x4[3])
+    sweep = jax.jit(lambda X, a, s0: scan.scan(X, a, s0))
+    starts, _ = sweep(X, a, s0)
+    out = jax.jit(lambda r, k, v, w, u, S: chunked.output(r, k, v, w, u, S, L=L, prec=prec))
+    back = jax.jit(lambda r, k, v, w, u, dy, S, D: grads.grads(r, k, v, w, u, dy, S, D, L=L, prec=prec))
+    RESULTS["kernels"] = {
+        "config": {"chunk": L, "prec": prec, **core.TUNING},
+        "state_terms_ms": timeit(terms, x4[1], x4[2], x4[3]),
+        "scan_ms": timeit(sweep, X, a, s0),
+        "output_ms": timeit(out, *x4[:4], ub, starts),
+        "grads_ms": timeit(back, *x4[:4], ub, x4[4], starts, starts),
+        "copy_1GiB_GBps": None,
+    }
+    x = jnp.ones((2 ** (16 if os.environ.get("SMOKE") == "1" else 28),), jnp.float32)
+    ms = timeit(jax.jit(lambda x: x * 2.0), x)
+    RESULTS["kernels"]["copy_1GiB_GBps"] = 2 * x.nbytes / ms / 1e6
+    log(f"kernels {RESULTS['kernels']}")
+
+
+# ------------------------------------------------------------------------------------------------------ peers
+@guarded("peers")
+def peers(which, shapes):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = env.get("PEER_PYTHONPATH", env.get("PYTHONPATH", ""))
+    timeout = int(os.environ.get("PEER_TIMEOUT", "420"))
+    script = os.path.join(ROOT, ".gpukit", "peers", "peer_bench.py")
+    peer_shapes = ",".join(PEER_SHAPES[s] for s in shapes if s != "decode")
+    for peer, part in (("rwkv_ops", "jax"), ("fla", "torch")):
+        if peer not in which:
+            continue
+        out = os.path.join(OUT, f"peer_{peer}")
+        os.makedirs(out, exist_ok=True)
+        log(f"peer {peer} ({part}) in a subprocess, timeout {timeout}s")
+        try:
+            proc = subprocess.run([sys.executable, script, part], env={**env, "PEERS": peer, "SKIP_ACC": "1",
+                                                                        "SHAPES": peer_shapes, "OUT": out},
+                                  capture_output=True, text=True, timeout=timeout)
+            with open(os.path.join(OUT, f"peer_{peer}.log"), "w") as f:
+                f.write(proc.stdout[-20000:] + "\n---- stderr\n" + proc.stderr[-20000:])
+        except subprocess.TimeoutExpired:
+            RESULTS["errors"].append({"what": f"peer {peer}", "err": f"timeout after {timeout}s"})
+        lines = []
+        path = os.path.join(out, "peer_results.jsonl")
+        if os.path.exists(path):
+            lines = [json.loads(line) for line in open(path)]
+        RESULTS["peers"][peer] = [x for x in lines if x.get("kind") in ("speed", "ceiling", "env", "error", "fatal")]
+        for x in RESULTS["peers"][peer]:
+            if x.get("kind") == "speed":
+                log(f"  {x}")
+
+
+def peer_ms(peer, shape, key):
+    name = {"rwkv_ops": "rwkv_ops", "fla": "fla_chunk"}[peer]
+    if shape == "decode" and peer == "fla":
+        name = "fla_fused_recurrent"
+    for x in RESULTS["peers"].get(peer, []):
+        if x.get("kind") == "speed" and x.get("peer") == name and x.get("shape") == PEER_SHAPES[shape]:
+            return x.get(key)
+    return None
+
+
+def table():
+    dev = jax.devices()[0]
+    print(f"\n==== Pallas engine, {RESULTS['date']}, {getattr(dev, 'device_kind', dev)}, jax {jax.__version__}")
+    if RESULTS["check"]:
+        bad = [c for c in RESULTS["check"] if not c["ok"]]
+        worst = {d: max(max(v for k, v in c.items() if k in ("y", "state", "dr", "dk", "dv", "dw", "du",
+                                                                  "dinit_state"))
+                        for c in RESULTS["check"] if c["dtype"] == d) for d in ("float32", "bfloat16", "float16")}
+        print(f"check vs float64 oracle: {len(RESULTS['check']) - len(bad)}/{len(RESULTS['check'])} ok; worst error "
+              + ", ".join(f"{d} {e:.1e}" for d, e in worst.items()))
+    print(f"{'shape':8s} {'ours fwd':>9s} {'ours f+b':>9s} {'rwkv-ops fwd':>13s} {'f+b':>7s} {'fla fwd':>8s} "
+          f"{'f+b':>7s}   f+b speed-up vs rwkv-ops / fla")
+    for name, row in RESULTS["ours"].items():
+        ro_f, ro_b = peer_ms("rwkv_ops", name, "fwd_ms"), peer_ms("rwkv_ops", name, "fwd_bwd_ms")
+        fl_f, fl_b = peer_ms("fla", name, "fwd_ms"), peer_ms("fla", name, "fwd_bwd_ms")
+        ours_b = row.get("fwd_bwd_ms")
+
+        def fmt(x, w=7):
+            return f"{x:{w}.3f}" if isinstance(x, (int, float)) else f"{'-':>{w}s}"
+
+        ratios = [f"{b / ours_b:.2f}x" if (ours_b and b) else "-" for b in (ro_b, fl_b)]
+        print(f"{name:8s} {fmt(row['fwd_ms'], 9)} {fmt(ours_b, 9)} {fmt(ro_f, 13)} {fmt(ro_b)} {fmt(fl_f, 8)} "
+              f"{fmt(fl_b)}   {ratios[0]} / {ratios[1]}")
+    if RESULTS["variants"]:
+        print("variants at the training shape (ms): " + "; ".join(
+            f"{n} {v.get('fwd_ms', float('nan')):.3f}/{v.get('fwd_bwd_ms', float('nan')):.3f}" if "err" not in v
+            else f"{n} FAILED" for n, v in RESULTS["variants"].items()))
+    if RESULTS["kernels"]:
+        print("kernels alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in RESULTS["kernels"].items()
+                                                 if k.endswith("_ms")) +
+              f"; copy {RESULTS['kernels'].get('copy_1GiB_GBps') or 0:.0f} GB/s")
+    for e in RESULTS["errors"]:
+        print("ERROR", e["what"], e["err"][:300])
+
+
+def main():
+    RESULTS["env"] = {"jax": jax.__version__, "device": str(jax.devices()[0]),
+                      "device_kind": getattr(jax.devices()[0], "device_kind", None), "defaults": DEFAULTS}
+    log(f"jax {jax.__version__} on {RESULTS['env']['device_kind']}; pallas available: {pallas.is_available()}")
+    shapes = [s for s in os.environ.get("SHAPES", "train,long,decode").split(",") if s]
+    if not os.environ.get("SKIP_CHECK"):
+        check()
+    speed_shapes(shapes)
+    if os.environ.get("KERNELS", "1") == "1":
+        kernels()
+    variants([v for v in os.environ.get("VARIANTS", ",".join(VARIANT_CONFIGS)).split(",")
+              if v and v != "default"])
+    peers([p for p in os.environ.get("PEERS", "rwkv_ops,fla").split(",") if p], shapes)
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "gpu_jax.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    table()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The Pallas engine compiled on a CUDA GPU, through RWKVKernelOperator: float32 / bfloat16 / float16, decays
+from mild to masks, head sizes 32 / 64 / 128, a start state with state_map, decode, and the jax transformations,
+all against the float64 oracle with the project's tolerances.
+
+Skipped (with the reason) without a CUDA device under jax or under another Keras backend; the kernels are also
+checked on CPU by test_kernels.py in the Pallas interpreter.
+"""
+import numpy as np
+import pytest
+
+from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
+from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, bf16_round, make_inputs, rel_err
+
+if BACKEND != "jax":
+    pytest.skip(f"the Pallas engine runs under the jax backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
+jax = pytest.importorskip("jax")
+if jax.default_backend() != "gpu":
+    pytest.skip("no CUDA device for jax: the GPU checks of the Pallas engine need one", allow_module_level=True)
+import jax.numpy as jnp  # noqa: E402
+
+from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
+from rwkv6_keras_operator.engines import pallas  # noqa: E402
+
+TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
+
+
+def rounded(x, dtype):
+    if dtype == "bfloat16":
+        return bf16_round(x)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+    return np.asarray(x, np.float32)
+
+
+def check(B, T, H, N, decay, dtype, seed, n_state=None, state_map=None, with_grads=True):
+    x = make_inputs(B, T, H, N, seed, decay=decay, n_state=n_state)
+    seen = {n: rounded(x[n], dtype) for n in "rkvw"}
+    init = x.get("init_state")
+    rng = np.random.default_rng(seed)
+    dy = rounded(rng.standard_normal((B, T, H * N)), dtype)
+    ds = rng.standard_normal((B, H, N, N)).astype(np.float32)
+    op = RWKVKernelOperator(N, T)
+    args = [jnp.asarray(x[n]).astype(dtype) for n in "rkvw"] + [jnp.asarray(x["u"])]
+    assert engines.select(args[0], N, False) is pallas
+    if init is not None:
+        args.append(jnp.asarray(init))
+
+    def f(r, k, v, w, u, init=None):
+        return op(r, k, v, w, u, with_state=True, init_state=init, state_map=state_map)
+
+    index = None if init is None else (state_map if state_map is not None else np.arange(B))
+    y_ref, s_ref = wkv_reference(*(seen[n] for n in "rkvw"), x["u"], N, init, index)
+    tol_out, tol_grad = TOL[dtype]
+    if not with_grads:
+        y, s = jax.jit(f)(*args)
+        errors = {"y": rel_err(np.asarray(y, np.float32), y_ref), "state": rel_err(s, s_ref)}
+    else:
+        (y, s), pullback = jax.vjp(jax.jit(f), *args)
+        grads = pullback((jnp.asarray(dy, y.dtype), jnp.asarray(ds)))
+        g_ref = wkv_reference_grads(*(seen[n] for n in "rkvw"), x["u"], N, dy, ds, init, index)
+        errors = {"y": rel_err(np.asarray(y, np.float32), y_ref), "state": rel_err(s, s_ref)}
+        for name, g in zip(["r", "k", "v", "w", "u", "init_state"], grads):
+            errors["d" + name] = rel_err(np.asarray(g, np.float32), g_ref[name])
+    assert y.dtype == jnp.dtype(dtype) and s.dtype == jnp.float32
+    bad = {k: e for k, e in errors.items() if e > (tol_out if k in ("y", "state") else tol_grad)}
+    assert not bad, f"errors over tolerance: {bad} (all: {errors})"
+    return errors
+
+
+@pytest.mark.parametrize("decay", ["normal", "strong", "masks"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dtypes_and_decays(dtype, decay):
+    check(2, 300, 2, 64, decay, dtype, seed=1, n_state=2)
+
+
+@pytest.mark.parametrize("N", [32, 128])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_head_sizes(N, dtype):
+    check(2, 200, 2, N, "masks", dtype, seed=N)
+
+
+def test_state_map_sums_gradients_of_shared_states():
+    check(3, 100, 2, 64, "strong", "float32", seed=3, n_state=5, state_map=[4, 0, 4])
+
+
+@pytest.mark.parametrize("T", [1, 7])
+def test_decode_and_short(T):
+    """T <= 16 runs the step-by-step kernel forward; gradients go through the chunked backward."""
+    check(64, T, 4, 64, "masks", "bfloat16", seed=T, n_state=64)
+
+
+def test_long_sequence_bf16():
+    check(1, 4096 + 17, 2, 64, "normal", "bfloat16", seed=4, n_state=1, with_grads=False)
+
+
+def test_vmap_jit_checkpoint():
+    B, T, H, N = 2, 130, 2, 64
+    x = make_inputs(B, T, H, N, 6, decay="masks", n_state=B)
+    op = RWKVKernelOperator(N, T)
+
+    def loss(r, w, init):
+        y, s = op(r, jnp.asarray(x["k"]), jnp.asarray(x["v"]), w, jnp.asarray(x["u"]), with_state=True, init_state=init)
+        return jnp.sum(y ** 2) + jnp.sum(s)
+
+    r, w, init = jnp.asarray(x["r"]), jnp.asarray(x["w"]), jnp.asarray(x["init_state"])
+    plain = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(r, w, init)
+    remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(r, w, init)
+    mapped = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2))))(r[None].repeat(2, 0), w[None].repeat(2, 0),
+                                                                   init[None].repeat(2, 0))
+    for a, b, c in zip(plain, remat, mapped):
+        assert rel_err(b, a) <= 1e-6 and rel_err(c[1], a) <= 1e-6
