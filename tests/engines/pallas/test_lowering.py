@@ -1,0 +1,44 @@
+"""Every Pallas kernel lowers to Triton IR for CUDA, and (with the triton package) compiles for Hopper, on a machine
+without a GPU: catches an operation the Pallas Triton lowering lacks, or a kernel over the shared-memory limit,
+before a GPU is involved. See triton_ir.py.
+"""
+import pytest
+
+from tests.helpers import BACKEND
+
+if BACKEND != "jax":
+    pytest.skip(f"the Pallas engine runs under the jax backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
+pytest.importorskip("jax.experimental.pallas.triton", reason="this jax has no Pallas Triton backend")
+
+from tests.engines.pallas import triton_ir  # noqa: E402
+
+KERNELS = {"wkv6_state_terms", "wkv6_scan", "wkv6_output", "wkv6_grads", "wkv6_recurrent"}
+HOPPER_SMEM = 227 * 1024
+
+
+@pytest.mark.parametrize("N, dtype, chunk, low_precision", [
+    (16, "bfloat16", 32, "tf32"), (32, "float16", 32, "f16"), (64, "bfloat16", 32, "bf16"),
+    (64, "float32", 32, "tf32"), (64, "bfloat16", 64, "tf32"), (128, "bfloat16", 32, "tf32"),
+    (256, "float32", 16, "tf32"),
+])
+def test_every_kernel_lowers_to_triton(N, dtype, chunk, low_precision):
+    modules = triton_ir.capture(N, dtype, chunk, low_precision, T=2 * chunk + 3)
+    assert set(modules) == KERNELS
+    for name, ir in modules.items():
+        assert f"tt.func public @{name}" in ir
+    if dtype == "float32":
+        assert "tf32x3" in modules["wkv6_output"], "float32 inputs must use float32-accurate products"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kernels_compile_for_hopper(dtype):
+    triton = pytest.importorskip("triton", reason="the triton package compiles the IR")
+    pytest.importorskip("triton.backends.nvidia", reason="this triton has no CUDA backend")
+    del triton
+    for name, ir in triton_ir.capture(64, dtype, 32).items():
+        report = triton_ir.compile_report(name, ir)
+        assert 0 <= report["smem"] <= HOPPER_SMEM, report
+        if "registers" in report:
+            assert report["registers"] <= 255, report
+        if name in ("wkv6_state_terms", "wkv6_output", "wkv6_grads"):
+            assert report.get("mma", 1) > 0, f"{name}: no tensor-core instructions: {report}"
