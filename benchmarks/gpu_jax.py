@@ -5,7 +5,8 @@ On the GPU machine, from the repository root:
     . .gpukit/setup_env.sh && python3 benchmarks/gpu_jax.py
     PEERS= SHAPES=train VARIANTS= python3 benchmarks/gpu_jax.py        # ours only, one shape, default config
 Env: SHAPES (train, long, decode; comma list), PEERS (rwkv_ops, fla; comma list, empty for none),
-     VARIANTS (comma list of names in VARIANT_CONFIGS, timed at the training shape; empty for none),
+     VARIANTS (comma list of names in VARIANT_CONFIGS, timed at the training shape; default DEFAULT_VARIANTS,
+     empty for none),
      KERNELS=0 (skip the per-kernel breakdown), SKIP_CHECK=1, PEER_TIMEOUT (s, default 420),
      SMOKE=1 (tiny shapes: a dry run of the script on CPU with RWKV6_PALLAS_INTERPRET=1).
 Writes $OUT/gpu_jax.json (OUT defaults to /tmp) and prints a table last. bf16 inputs, u float32, random data;
@@ -46,7 +47,9 @@ VARIANT_CONFIGS = {
     "chunk64-bf16": {"chunk": 64, "low_precision": "bf16"},
     "warps4": {"output_warps": 4, "grads_warps": 4},
     "chunk16": {"chunk": 16},
+    "scan32": {"scan_block": 32},
 }
+DEFAULT_VARIANTS = "bf16-products,chunk64,chunk64-bf16"
 RESULTS = {"date": time.strftime("%Y-%m-%d"), "check": [], "ours": {}, "variants": {}, "kernels": {}, "peers": {},
            "errors": []}
 T0 = time.time()
@@ -316,7 +319,7 @@ def main():
     speed_shapes(shapes)
     if os.environ.get("KERNELS", "1") == "1":
         kernels()
-    variants([v for v in os.environ.get("VARIANTS", ",".join(VARIANT_CONFIGS)).split(",")
+    variants([v for v in os.environ.get("VARIANTS", DEFAULT_VARIANTS).split(",")
               if v and v != "default"])
     peers([p for p in os.environ.get("PEERS", "rwkv_ops,fla").split(",") if p], shapes)
     os.makedirs(OUT, exist_ok=True)

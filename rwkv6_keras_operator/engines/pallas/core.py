@@ -30,7 +30,11 @@ FORCE_INTERPRET = os.environ.get("RWKV6_PALLAS_INTERPRET", "0").strip().lower() 
 def on_gpu():
     """A CUDA GPU is jax's default backend (cached: the default backend does not change in a process)."""
     try:
-        return jax.default_backend() == "gpu" and any(d.platform == "gpu" for d in jax.devices())
+        if jax.default_backend() != "gpu":
+            return False
+        device = jax.devices()[0]
+        version = str(getattr(device.client, "platform_version", "")).lower()
+        return device.platform == "gpu" and "rocm" not in version   # the kernels are written for CUDA GPUs
     except RuntimeError:
         return False
 

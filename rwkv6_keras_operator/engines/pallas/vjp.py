@@ -37,8 +37,12 @@ def _wkv_bwd(config, residuals, cotangents):
 _wkv.defvjp(_wkv_fwd, _wkv_bwd)
 
 
+@functools.partial(jax.jit, static_argnames=("chunk", "low_precision", "decode_max_t"))
 def wkv(r, k, v, w, u, s0, *, chunk=64, low_precision="tf32", decode_max_t=16):
-    """r, k, v, w: (B, T, H, N) of one float dtype; u: (H, N); s0: (B, H, N, N) float32 or None."""
+    """r, k, v, w: (B, T, H, N) of one float dtype; u: (H, N); s0: (B, H, N, N) float32 or None.
+
+    Jitted: called eagerly, one cached program runs instead of a dozen dispatches; inside a caller's jit (or
+    grad, vmap, shard_map) it is simply inlined."""
     B, T, H, N = r.shape
     u = jnp.broadcast_to(jnp.asarray(u, jnp.float32)[None], (B, H, N))
     s0 = jnp.zeros((B, H, N, N), jnp.float32) if s0 is None else jnp.asarray(s0, jnp.float32)
