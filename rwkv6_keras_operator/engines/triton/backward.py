@@ -4,8 +4,10 @@ One program per (batch row, head, chunk of L = 4 C tokens). Inputs: the chunk's 
 forward's scan) and the gradient of its end state dS (from the backward scan). The chunk's four sub-blocks J
 each get their own start state S_J and end-state gradient dE_J:
 
-    dE_3 = dS,   dE_{J-1} = diag(tot_J) dE_J + sum_{t in J} (r_t * pre_t) dy_t^T      (first, J = 3 .. 1)
-    S_0,         S_{J+1}  = diag(tot_J) S_J  + sum_{s in J} (k_s * suf_s) v_s^T       (then, J = 0 .. 3)
+    dE_3 = dS,   dE_{J-1} = diag(tot_J) dE_J + sum_{t in J} (r_t * pre_t) dy_t^T      (J = 3 .. 1)
+    S_0,         S_{J+1}  = diag(tot_J) S_J  + sum_{s in J} (k_s * suf_s) v_s^T       (J = 0 .. 3)
+
+(the program walks J = 0 .. 3 carrying S, and recomputes dE_J from dS each time: holding all four spills)
 
 and with them the gradients of one sub-block are those of a chunk of C tokens (pre, suf, tot inside J):
 
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .bands import band_grads_cols, band_grads_rows, store_decays
-from .common import block_decays, chunk_start_state, head_base, load_rows, store_rows
+from .common import block_decays, chunk_start_state, head_base, load_rows, row_base, store_rows
 
 
 @triton.jit
@@ -50,9 +52,9 @@ def dstate_back(r_ptr, dy_ptr, w_ptr, base, t0, T, stride_t, dE, N: tl.constexpr
 
 @triton.jit
 def block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, d_ptr, u, base, t0, T,
-                stride_t, S, dE, N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr, LAST: tl.constexpr):
+                stride_t, S, dE, N: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
     """All gradients of the sub-block t0 .. t0+C-1 given its start state S and end-state gradient dE.
-    Returns the next start state (unless LAST) and this sub-block's du."""
+    Returns the next start state and this sub-block's du."""
     idx = tl.arange(0, C)
     cols = tl.arange(0, N)
     rows = t0 + idx
@@ -86,8 +88,7 @@ def block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_p
         - tl.dot(1.0 - before, k * DK, input_precision="tf32x3")
     store_rows(dw_ptr, base, rows, T, cols, stride_t, tl.where(d > 0.0, dg * g, 0.0))
     du = tl.sum(r * k * vdy[:, None], 0)
-    if not LAST:
-        S = dtot[:, None] * S + tl.dot(tl.trans(kq), v, input_precision=PREC)
+    S = dtot[:, None] * S + tl.dot(tl.trans(kq), v, input_precision=PREC)
     return S, du
 
 
@@ -102,25 +103,24 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     bh = pid // NC
     b = bh // H
     h = bh % H
-    base = head_base(b, h, T, stride_t, N)
+    base = row_base(head_base(b, h, T, stride_t, N), c * L, stride_t)   # the chunk's first row
+    T = T - c * L                                                          # rows from there on
     cols = tl.arange(0, N)
     u = tl.load(u_ptr + h * N + cols)
-    t_c = c * L
-    dE3 = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + cols[:, None] * N + cols[None, :])
-    dE2 = dstate_back(r_ptr, dy_ptr, w_ptr, base, t_c + 3 * C, T, stride_t, dE3, N, C, PREC)
-    dE1 = dstate_back(r_ptr, dy_ptr, w_ptr, base, t_c + 2 * C, T, stride_t, dE2, N, C, PREC)
-    dE0 = dstate_back(r_ptr, dy_ptr, w_ptr, base, t_c + 1 * C, T, stride_t, dE1, N, C, PREC)
+    t_c = 0
     S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, cols, N)
-    S, du0 = block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, d_ptr, u, base,
-                         t_c, T, stride_t, S, dE0, N, C, PREC, False)
-    S, du1 = block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, d_ptr, u, base,
-                         t_c + C, T, stride_t, S, dE1, N, C, PREC, False)
-    S, du2 = block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, d_ptr, u, base,
-                         t_c + 2 * C, T, stride_t, S, dE2, N, C, PREC, False)
-    S, du3 = block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, d_ptr, u, base,
-                         t_c + 3 * C, T, stride_t, S, dE3, N, C, PREC, True)
+    du = tl.zeros([N], dtype=tl.float32)
+    for J in range(L // C):
+        # dE_J: back from the chunk's end dS (reloaded) through the later sub-blocks (recomputed, so that only
+        # S and dE are held: more N x N states in registers spill)
+        dE = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + cols[:, None] * N + cols[None, :])
+        for j in range(L // C - 1, J, -1):
+            dE = dstate_back(r_ptr, dy_ptr, w_ptr, base, t_c + j * C, T, stride_t, dE, N, C, PREC)
+        S, du_J = block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, d_ptr, u, base,
+                              t_c + J * C, T, stride_t, S, dE, N, C, PREC)
+        du += du_J
     # du partials: (B * NC, H, N), summed over the first axis by the caller
-    tl.store(du_ptr + ((b.to(tl.int64) * NC + c) * H + h) * N + cols, du0 + du1 + du2 + du3)
+    tl.store(du_ptr + ((b.to(tl.int64) * NC + c) * H + h) * N + cols, du)
 
 
 # Launch settings, by head size; the benchmark may override them (benchmarks/gpu_torch.py, VARIANTS=1).
@@ -128,8 +128,8 @@ TUNE = {}
 
 
 def backward_config(N):
-    """(num_warps, num_stages): the program holds five N x N float32 states (S and the four dE)."""
-    return TUNE.get(N, (4, 2) if N <= 32 else ((8, 2) if N <= 64 else (16, 1)))
+    """(num_warps, num_stages): the program holds two N x N float32 states (S and one dE)."""
+    return TUNE.get(N, (8, 1) if N <= 64 else (16, 1))
 
 
 def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, scratch, prec, L, C):

@@ -25,8 +25,8 @@ from .common import g_rows
 def load_shifted(ptr, base, rows, ok, T, cols, stride_t, other):
     """Tile of rows `rows` where ok (and 0 <= row < T), else `other`; float32."""
     m = ok & (rows >= 0) & (rows < T)
-    offs = base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
-    return tl.load(ptr + offs, mask=m[:, None], other=other).to(tl.float32)
+    offs = rows[:, None] * stride_t + cols[None, :]
+    return tl.load((ptr + base) + offs, mask=m[:, None], other=other).to(tl.float32)
 
 
 @triton.jit
@@ -34,8 +34,8 @@ def store_decays(w_ptr, d_ptr, base, rows, T, cols, stride_t):
     """g (0 past T) of the rows, and d = exp(g) written to the float32 scratch (the caller then syncs)."""
     g = g_rows(w_ptr, base, rows, rows >= 0, T, cols, stride_t)
     d = tl.exp(g)
-    offs = base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
-    tl.store(d_ptr + offs, d, mask=(rows < T)[:, None])
+    offs = rows[:, None] * stride_t + cols[None, :]
+    tl.store((d_ptr + base) + offs, d, mask=(rows < T)[:, None])
     return g, d
 
 
@@ -46,7 +46,7 @@ def band_rows(r, k_ptr, v_ptr, d_ptr, base, t0, T, stride_t, cols, jv, C: tl.con
     rows = t0 + idx
     D = tl.full(r.shape, 1.0, tl.float32)
     y = tl.zeros([C, jv.shape[0]], dtype=tl.float32)
-    for delta in tl.static_range(1, C):
+    for delta in range(1, C):
         src = rows - delta
         ok = idx >= delta
         ks = load_shifted(k_ptr, base, src, ok, T, cols, stride_t, 0.0)
@@ -64,7 +64,7 @@ def band_grads_rows(dy, k_ptr, v_ptr, d_ptr, base, t0, T, stride_t, cols, C: tl.
     rows = t0 + idx
     D = tl.full(dy.shape, 1.0, tl.float32)
     DR = tl.zeros(dy.shape, dtype=tl.float32)
-    for delta in tl.static_range(1, C):
+    for delta in range(1, C):
         src = rows - delta
         ok = idx >= delta
         ks = load_shifted(k_ptr, base, src, ok, T, cols, stride_t, 0.0)
@@ -83,7 +83,7 @@ def band_grads_cols(k, v, r_ptr, dy_ptr, d_ptr, base, t0, T, stride_t, cols, C: 
     D = tl.full(k.shape, 1.0, tl.float32)
     DK = tl.zeros(k.shape, dtype=tl.float32)
     DV = tl.zeros(v.shape, dtype=tl.float32)
-    for delta in tl.static_range(1, C):
+    for delta in range(1, C):
         dst = rows + delta
         ok = idx + delta < C
         rt = load_shifted(r_ptr, base, dst, ok, T, cols, stride_t, 0.0)

@@ -1,7 +1,9 @@
 """Triton helpers shared by the kernels: the log-decay, tile loads, and chunk-local decay sums.
 
 Layout: r, k, v, w, y and their gradients are (B, T, H, N), contiguous, so row t of head h of batch row b starts
-at ((b * T + t) * H + h) * N; the token stride is H * N. Offsets are int64 (B * T * C may reach 2^31).
+at ((b * T + t) * H + h) * N; the token stride is H * N. A kernel adds the int64 offset of its chunk's first row
+to the pointer once (B * T * C may pass 2^31) and addresses rows relative to it in int32 (`base` below is that
+int64 scalar, `rows` are chunk-relative and `T` counts the rows left from the chunk's start).
 States are (B, H, N, N) float32 (S[i, j]: i the key channel, j the value channel).
 
 Exactness (docs/math.md): every decay factor is exp(sum of g over a contiguous range), the sum taken directly
@@ -30,26 +32,32 @@ def head_base(b, h, T, stride_t, N: tl.constexpr):
 
 
 @triton.jit
+def row_base(base, t, stride_t):
+    """int64 offset of row t (absolute) from the head's base."""
+    return base + t.to(tl.int64) * stride_t
+
+
+@triton.jit
 def load_rows(ptr, base, rows, T, cols, stride_t):
     """(len(rows), len(cols)) float32 tile of rows `rows` (zero where row >= T or row < 0)."""
     ok = (rows >= 0) & (rows < T)
-    offs = base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
-    return tl.load(ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    offs = rows[:, None] * stride_t + cols[None, :]
+    return tl.load((ptr + base) + offs, mask=ok[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def store_rows(ptr, base, rows, T, cols, stride_t, x):
     ok = rows < T
-    offs = base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
-    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=ok[:, None])
+    offs = rows[:, None] * stride_t + cols[None, :]
+    tl.store((ptr + base) + offs, x.to(ptr.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
 def g_rows(w_ptr, base, rows, valid, T, cols, stride_t):
     """Tile of g at rows `rows`, 0 where not `valid` or outside [0, T) (a step with g = 0 has decay 1)."""
     ok = valid & (rows >= 0) & (rows < T)
-    offs = base + rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
-    w = tl.load(w_ptr + offs, mask=ok[:, None], other=0.0)
+    offs = rows[:, None] * stride_t + cols[None, :]
+    w = tl.load((w_ptr + base) + offs, mask=ok[:, None], other=0.0)
     return tl.where(ok[:, None], log_decay(w), 0.0)
 
 
@@ -57,14 +65,14 @@ def g_rows(w_ptr, base, rows, valid, T, cols, stride_t):
 def load_vec(ptr, base, t, T, cols, stride_t):
     """Row t as a float32 vector (zeros if t >= T)."""
     ok = (cols * 0 + t) < T
-    return tl.load(ptr + base + t.to(tl.int64) * stride_t + cols, mask=ok, other=0.0).to(tl.float32)
+    return tl.load((ptr + base) + (t * stride_t + cols), mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def g_vec(w_ptr, base, t, T, cols, stride_t):
     """g at row t as a vector (0 if t >= T)."""
     ok = (cols * 0 + t) < T
-    w = tl.load(w_ptr + base + t.to(tl.int64) * stride_t + cols, mask=ok, other=0.0)
+    w = tl.load((w_ptr + base) + (t * stride_t + cols), mask=ok, other=0.0)
     return tl.where(ok, log_decay(w), 0.0)
 
 

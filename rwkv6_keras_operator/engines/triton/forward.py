@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .bands import band_rows, store_decays
-from .common import chunk_start_state, g_rows, head_base, load_rows, store_rows
+from .common import chunk_start_state, g_rows, head_base, load_rows, row_base, store_rows
 
 
 @triton.jit
@@ -32,14 +32,15 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
     bh = pid // NC
     b = bh // H
     h = bh % H
-    base = head_base(b, h, T, stride_t, N)
+    base = row_base(head_base(b, h, T, stride_t, N), c * L, stride_t)   # the chunk's first row
+    T = T - c * L                                                          # rows from there on
     cols = tl.arange(0, N)
     jv = tl.program_id(1) * BV + tl.arange(0, BV)
     u = tl.load(u_ptr + h * N + cols)
     S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, jv, N)     # (N, BV)
     idx = tl.arange(0, C)
-    for J in tl.static_range(L // C):
-        t0 = c * L + J * C
+    for J in range(L // C):
+        t0 = J * C
         rows = t0 + idx
         r = load_rows(r_ptr, base, rows, T, cols, stride_t)
         k = load_rows(k_ptr, base, rows, T, cols, stride_t)
@@ -50,11 +51,11 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
         y += tl.sum(r * u[None, :] * k, 1)[:, None] * v                      # the bonus
         y = tl.dot(r * pre, S, acc=y, input_precision=PREC)                  # through the state
         store_rows(y_ptr, base, rows, T, jv, stride_t, y)
-        if J < L // C - 1:
-            # suf_s = exp(sum_{s<m<t0+C} g_m): g of the row after, summed backward (direct sums, <= 0)
-            g_next = g_rows(w_ptr, base, rows + 1, idx < C - 1, T, cols, stride_t)
-            kq = k * tl.exp(tl.cumsum(g_next, 0, reverse=True))
-            S = tl.exp(tl.sum(g, 0))[:, None] * S + tl.dot(tl.trans(kq), v, input_precision=PREC)
+        # the next sub-block's start state (after the last one: unused);
+        # suf_s = exp(sum_{s<m<t0+C} g_m): g of the row after, summed backward (direct sums, <= 0)
+        g_next = g_rows(w_ptr, base, rows + 1, idx < C - 1, T, cols, stride_t)
+        kq = k * tl.exp(tl.cumsum(g_next, 0, reverse=True))
+        S = tl.exp(tl.sum(g, 0))[:, None] * S + tl.dot(tl.trans(kq), v, input_precision=PREC)
 
 
 # Launch settings, by head size; the benchmark may override them (benchmarks/gpu_torch.py, VARIANTS=1).
@@ -63,7 +64,7 @@ TUNE = {}
 
 def forward_config(N):
     """(BV, num_warps): one program covers all value channels up to N = 64; N = 128 splits them in two."""
-    return TUNE.get(N, (N, 4) if N <= 64 else (64, 8))
+    return TUNE.get(N, (N, 4) if N <= 32 else ((N, 8) if N <= 64 else (64, 8)))
 
 
 def launch_forward(r, k, v, w, u, s0, states, y, scratch, prec, L, C):

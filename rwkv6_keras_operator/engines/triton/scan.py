@@ -12,7 +12,7 @@ one head's state and walks the chunks in order: the sequential part is one small
 import triton
 import triton.language as tl
 
-from .common import g_rows, g_vec, head_base, load_rows
+from .common import g_rows, g_vec, head_base, load_rows, row_base
 
 
 @triton.jit
@@ -23,7 +23,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr,
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
-    base = head_base(b, h, T, stride_t, N)
+    head = head_base(b, h, T, stride_t, N)
     ik = tl.program_id(1) * BK + tl.arange(0, BK)   # key channels of this tile
     jv = tl.program_id(2) * BV + tl.arange(0, BV)   # value channels
     idx = tl.arange(0, L)
@@ -36,19 +36,21 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr,
             tl.store(chunks_ptr + (bh.to(tl.int64) * NC + c) * N * N + soffs, S)
         else:
             c = step
-        rows = c * L + idx
-        a = load_rows(a_ptr, base, rows, T, ik, stride_t)      # (L, BK)
-        bm = load_rows(b_ptr, base, rows, T, jv, stride_t)     # (L, BV)
+        base = row_base(head, c * L, stride_t)                 # chunk c's first row; rows relative to it
+        Tc = T - c * L
+        rows = idx
+        a = load_rows(a_ptr, base, rows, Tc, ik, stride_t)     # (L, BK)
+        bm = load_rows(b_ptr, base, rows, Tc, jv, stride_t)    # (L, BV)
         if REVERSE:
             # pre_t = exp(sum_{cL <= m < t} g_m): g of the row before, summed forward
-            g_prev = g_rows(w_ptr, base, rows - 1, idx > 0, T, ik, stride_t)
+            g_prev = g_rows(w_ptr, base, rows - 1, idx > 0, Tc, ik, stride_t)
             D = tl.cumsum(g_prev, 0)
-            tot = tl.sum(g_prev, 0) + g_vec(w_ptr, base, c * L + L - 1, T, ik, stride_t)
+            tot = tl.sum(g_prev, 0) + g_vec(w_ptr, base, L - 1, Tc, ik, stride_t)
         else:
             # suf_s = exp(sum_{s < m < (c+1)L} g_m): g of the row after, summed backward
-            g_next = g_rows(w_ptr, base, rows + 1, idx < L - 1, T, ik, stride_t)
+            g_next = g_rows(w_ptr, base, rows + 1, idx < L - 1, Tc, ik, stride_t)
             D = tl.cumsum(g_next, 0, reverse=True)
-            tot = tl.sum(g_next, 0) + g_vec(w_ptr, base, c * L, T, ik, stride_t)
+            tot = tl.sum(g_next, 0) + g_vec(w_ptr, base, 0, Tc, ik, stride_t)
         aq = a * tl.exp(D)
         S = tl.exp(tot)[:, None] * S + tl.dot(tl.trans(aq), bm, input_precision=PREC)
         if not REVERSE:
