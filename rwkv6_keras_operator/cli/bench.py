@@ -41,6 +41,8 @@ def add_arguments(parser):
                         help="PNG to write (default: %(default)s); needs matplotlib")
     parser.add_argument("--no-plot", action="store_true", help="do not write a plot")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="measure nothing: print the table and draw the plot of a file written by --json")
 
 
 # ----------------------------------------------------------------------------------------------- parent
@@ -130,7 +132,8 @@ def _plot(records, path):
     return True
 
 
-def run(args):
+def _measure(args):
+    """Records of every backend's worker, and the backends whose worker failed."""
     from .backends import run_worker
 
     config = json.dumps(_config(args))
@@ -145,12 +148,22 @@ def run(args):
         if code:
             failed.append(backend)
             print(f"{backend}: worker exited with {code}:\n" + "\n".join(output[-20:]))
+    return records, failed
+
+
+def run(args):
+    if args.from_json:
+        with open(args.from_json) as f:
+            records, failed = json.load(f), []
+        print(f"bench: the measurements in {args.from_json}; milliseconds (medians)")
+    else:
+        records, failed = _measure(args)
     if not any(r["kind"] == "time" for r in records):
         print("no measurements")
         return 1
     decode = next(r for r in records if r["kind"] == "time" and r["pass"] == "decode")
     print(f"\n{_table(records)}\n(decode: one step, T=1, B={decode['B']}, state in and out)")
-    if args.json:
+    if args.json and not args.from_json:
         with open(args.json, "w") as f:
             json.dump([r for r in records if r["kind"] != "plan"], f, indent=1)
         print(f"wrote {args.json}")

@@ -38,16 +38,36 @@ def _minutes(seconds):
     return f"{int(seconds // 60)}m {seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
 
 
-def _engine_line(head_size, seq_len):
-    import keras
+def _engine(head_size, seq_len):
+    """(engine name, device) that a call of the model's shape gets here."""
     from keras import ops
 
     from .. import engines
     from .backends import device_of
 
     probe = ops.zeros((1, seq_len, 1, head_size))
-    engine = engines.select(probe, head_size, ops_loop=False)
-    return f"backend {keras.backend.backend()}, engine {engine.NAME} on {device_of(probe)}"
+    return engines.select(probe, head_size, ops_loop=False).NAME, device_of(probe)
+
+
+def _float32_matmuls():
+    """GPUs run float32 matrix products in TF32 (a 10-bit mantissa) by default under jax and tensorflow: the
+    stepwise-vs-full check compares float32 results, so the demo asks for full float32 products there."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+    else:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def _load(path, model):
@@ -70,8 +90,13 @@ def run(args):
     keras.utils.set_random_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     started = time.time()
-    print(f"RWKV6 demo: a character-level RWKV6 language model in Keras 3 "
-          f"({_engine_line(args.head_size, args.seq_len)})")
+    engine, device = _engine(args.head_size, args.seq_len)
+    print(f"RWKV6 demo: a character-level RWKV6 language model in Keras 3 (backend {keras.backend.backend()}, "
+          f"engine {engine} on {device})")
+    if device == "gpu":
+        _float32_matmuls()
+        print("float32 matrix products at full precision (no TF32), so that stepwise == full sequence can be "
+              "checked to float32 tolerance")
 
     text = corpus.load()
     vocab = Vocab.of(text)
@@ -97,6 +122,7 @@ def run(args):
         data = windows(train_ids, total_steps * args.batch_size, args.seq_len, rng)
         t0 = time.time()
         model.fit(data[:, :-1], data[:, 1:], batch_size=args.batch_size, epochs=args.epochs, shuffle=False,
+                  steps_per_epoch=args.steps_per_epoch,  # each epoch takes the next batches of `data`
                   validation_data=(held[:, :-1], held[:, 1:]), verbose=1 if sys.stdout.isatty() else 2)
         print(f"trained in {_minutes(time.time() - t0)}")
 
