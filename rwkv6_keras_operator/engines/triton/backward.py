@@ -114,8 +114,8 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
         # dE_J: back from the chunk's end dS (reloaded) through the later sub-blocks (recomputed, so that only
         # S and dE are held: more N x N states in registers spill)
         dE = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + cols[:, None] * N + cols[None, :])
-        for j in range(L // C - 1, J, -1):
-            dE = dstate_back(r_ptr, dy_ptr, w_ptr, base, t_c + j * C, T, stride_t, dE, N, C, PREC)
+        for jj in range(L // C - 1 - J):
+            dE = dstate_back(r_ptr, dy_ptr, w_ptr, base, t_c + (L // C - 1 - jj) * C, T, stride_t, dE, N, C, PREC)
         S, du_J = block_grads(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, dr_ptr, dk_ptr, dv_ptr, dw_ptr, d_ptr, u, base,
                               t_c + J * C, T, stride_t, S, dE, N, C, PREC)
         du += du_J

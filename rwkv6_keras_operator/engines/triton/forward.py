@@ -2,16 +2,18 @@
 
 One program per (batch row, head, chunk of L = 64 tokens). It starts from the chunk's start state S (written by
 the scan) and walks the chunk as L / C sub-blocks of C = 16 rows, carrying the state from one sub-block to the
-next in registers. For a sub-block with start state S_J, exclusive prefix sums E, suffix sums F and total `tot`
-(common.block_decays):
+next in registers. For a sub-block J with start state S_J, pre_t = prod_{t0<=m<t} d_m, suf_s = prod_{s<m<=t1} d_m
+and tot = prod over the sub-block:
 
-    y_t   = (r_t * exp(E_t)) . S_J  +  sum_{s <= t in J} A[t, s] v_s          (tensor cores: C x N x BV, C x C x BV)
-    S_J+1 = diag(exp(tot)) S_J  +  sum_{s in J} (k_s * exp(F_s)) v_s^T         (tensor cores: N x C x BV)
+    y_t   = (r_t * pre_t) . S_J  +  sum_{s <= t in J} A[t, s] v_s           (tensor cores: C x N x BV)
+    S_J+1 = diag(tot) S_J  +  sum_{s in J} (k_s * suf_s) v_s^T                (tensor cores: N x C x BV)
 
-and the pairs inside the sub-block are summed element by element from direct products (bands.py), with the
-bonus on the diagonal:
+and the pairs inside the sub-block are summed element by element from direct products (bands.py, which also
+yields pre), with the bonus on the diagonal:
 
     A[t, s] = sum_i r_t[i] k_s[i] prod_{s<m<t} d_m[i]   (s < t),     A[t, t] = sum_i r_t[i] u[i] k_t[i].
+
+suf and tot are exp of direct sums of g (cumsum of the next row's g, and the sub-block's sum).
 
 Splitting at the sub-block boundary is rule 2 of docs/math.md with the state as the carrier: every factor is
 exp of a direct sum over a contiguous range (<= 0) or a product of decays, so nothing overflows or cancels.
