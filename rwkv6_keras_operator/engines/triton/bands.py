@@ -23,10 +23,11 @@ from .common import g_rows
 
 @triton.jit
 def load_shifted(ptr, base, rows, ok, T, cols, stride_t, other):
-    """Tile of rows `rows` where ok (and 0 <= row < T), else `other`; float32."""
-    m = ok & (rows >= 0) & (rows < T)
-    offs = rows[:, None] * stride_t + cols[None, :]
-    return tl.load((ptr + base) + offs, mask=m[:, None], other=other).to(tl.float32)
+    """Tile of rows `rows` where ok, else `other`; float32. The rows are clamped into [0, T) and the load is
+    unmasked (cheaper addressing): `ok` must exclude rows outside [0, T) whose values matter."""
+    src = tl.minimum(tl.maximum(rows, 0), T - 1)
+    x = tl.load((ptr + base) + (src[:, None] * stride_t + cols[None, :])).to(tl.float32)
+    return tl.where(ok[:, None], x, other)
 
 
 @triton.jit
@@ -85,7 +86,7 @@ def band_grads_cols(k, v, r_ptr, dy_ptr, d_ptr, base, t0, T, stride_t, cols, C: 
     DV = tl.zeros(v.shape, dtype=tl.float32)
     for delta in range(1, C):
         dst = rows + delta
-        ok = idx + delta < C
+        ok = (idx + delta < C) & (dst < T)
         rt = load_shifted(r_ptr, base, dst, ok, T, cols, stride_t, 0.0)
         dyt = load_shifted(dy_ptr, base, dst, ok, T, cols, stride_t, 0.0)
         da = tl.sum(dyt * v, 1)                                        # dA[s + delta, s]
