@@ -32,13 +32,15 @@ def test_every_kernel_lowers_to_triton(N, dtype, chunk, low_precision):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_kernels_compile_for_hopper(dtype):
-    triton = pytest.importorskip("triton", reason="the triton package compiles the IR")
-    pytest.importorskip("triton.backends.nvidia", reason="this triton has no CUDA backend")
-    del triton
-    for name, ir in triton_ir.capture(64, dtype, 32).items():
-        report = triton_ir.compile_report(name, ir)
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("the triton package compiles the IR; it is not installed")
+    reports = triton_ir.compile_reports(triton_ir.capture(64, dtype, 32))
+    assert {r["kernel"] for r in reports} == KERNELS
+    for report in reports:
         assert 0 <= report["smem"] <= HOPPER_SMEM, report
         if "registers" in report:
             assert report["registers"] <= 255, report
-        if name in ("wkv6_state_terms", "wkv6_output", "wkv6_grads"):
-            assert report.get("mma", 1) > 0, f"{name}: no tensor-core instructions: {report}"
+        if report["kernel"] in ("wkv6_state_terms", "wkv6_output", "wkv6_grads"):
+            assert report.get("mma", 1) > 0, f"no tensor-core instructions: {report}"

@@ -1,27 +1,33 @@
 """The Pallas kernels as Triton IR, and compiled for Hopper, on a machine without a GPU.
 
 jax lowers a pallas_call for the "cuda" platform to Triton IR in Python (the compile to PTX happens later, inside
-XLA on the GPU), so the lowering can run anywhere. This helper captures the IR of every kernel of one engine
-configuration; `compile_report` then compiles it with the `triton` package (if installed) for sm_90a and reads
-shared memory, registers and spills. Used by test_lowering.py and, as a script, to survey configurations:
+XLA on the GPU), so the lowering can run anywhere. `capture` collects the IR of every kernel of one engine
+configuration; `compile_reports` compiles it with the `triton` package for sm_90a, in a separate process (triton
+and jaxlib each bring their own MLIR libraries, and loading both into one process can abort it), and reads shared
+memory, registers, spills and matrix instructions. Used by test_lowering.py and, as a script, to survey
+configurations:
 
     python tests/engines/pallas/triton_ir.py 64 bfloat16 32 [more "N dtype chunk" triples]
 """
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 
-import jax
-import jax.numpy as jnp
-
-from rwkv6_keras_operator.engines.pallas import core, vjp
+# kernel: (its entry in core.TUNING for num_warps, or a fixed count; num_stages), as the launchers use them
+LAUNCH = {"wkv6_state_terms": ("terms_warps", 2), "wkv6_output": ("output_warps", 2),
+          "wkv6_grads": ("grads_warps", 1), "wkv6_scan": ("scan_warps", 3), "wkv6_recurrent": (2, 2)}
 
 
 def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2):
     """{kernel name: Triton IR text} for the forward, backward and decode kernels of one configuration."""
+    import jax
+    import jax.numpy as jnp
     from jax._src.pallas.triton import pallas_call_registration as registration
+
+    from rwkv6_keras_operator.engines.pallas import core, vjp
 
     lower = registration.lowering.lower_jaxpr_to_triton_module
     modules = {}
@@ -54,49 +60,65 @@ def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2):
     return modules
 
 
-WARPS = {"wkv6_state_terms": ("terms_warps", 2), "wkv6_output": ("output_warps", 2),
-         "wkv6_grads": ("grads_warps", 1), "wkv6_scan": ("scan_warps", 3), "wkv6_recurrent": (None, 2)}
+def launch_settings(name):
+    from rwkv6_keras_operator.engines.pallas import core
+
+    warps, stages = LAUNCH[name]
+    return (core.TUNING[warps] if isinstance(warps, str) else warps), stages
 
 
-def compile_report(name, ir, num_warps=None, num_stages=None):
-    """Compile one kernel's IR with the triton package for sm_90a: shared memory, and with cuobjdump (shipped
-    with triton) registers, stack (spills) and the matrix instructions in the SASS."""
+def compile_reports(modules, timeout=600):
+    """[report per kernel] from compiling `modules` (name -> IR) with triton in a child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = []
+        for name, ir in modules.items():
+            path = os.path.join(tmp, f"{name}.ttir")
+            with open(path, "w") as f:
+                f.write(ir)
+            warps, stages = launch_settings(name)
+            jobs.append({"name": name, "path": path, "warps": warps, "stages": stages})
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile", json.dumps(jobs)],
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"})
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or len(lines) != len(jobs):
+            raise RuntimeError(f"triton compile failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                               f"{proc.stderr[-3000:]}")
+        return [json.loads(line) for line in lines]
+
+
+def _compile(job):
+    """In the child process (triton only, no jax): compile one kernel and read its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    key, stages = WARPS.get(name, (None, 2))
-    num_warps = num_warps or (core.TUNING[key] if key else 2)
-    num_stages = num_stages or stages
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"{name}.ttir")
-        with open(path, "w") as f:
-            f.write(ir)
-        kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=num_warps, num_stages=num_stages))
-        report = {"kernel": name, "warps": num_warps, "stages": num_stages, "smem": kernel.metadata.shared}
-        tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-        cuobjdump = os.path.join(tools, "cuobjdump")
-        if os.path.exists(cuobjdump):
-            cubin = os.path.join(tmp, "k.cubin")
-            with open(cubin, "wb") as f:
-                f.write(kernel.asm["cubin"])
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
-            found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-            if found:
-                report["registers"], report["stack"] = int(found.group(1)), int(found.group(2))
-            sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
-            report["mma"] = len(re.findall(r"\bH(G)?MMA\b", sass))
-            report["sass_lines"] = sass.count("\n")
+    kernel = triton.compile(job["path"], target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=job["warps"], num_stages=job["stages"]))
+    report = {"kernel": job["name"], "warps": job["warps"], "stages": job["stages"], "smem": kernel.metadata.shared}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        cubin = job["path"] + ".cubin"
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+        found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+        if found:
+            report["registers"], report["stack"] = int(found.group(1)), int(found.group(2))
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
+        report["mma"] = len(re.findall(r"\bH(?:G)?MMA\b", sass))
+        report["sass_lines"] = sass.count("\n")
     return report
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--compile"]:
+        for job in json.loads(sys.argv[2]):
+            print(json.dumps(_compile(job)), flush=True)
+        sys.exit(0)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+    os.environ.setdefault("KERAS_BACKEND", "jax")
     args = sys.argv[1:] or ["64", "bfloat16", "32"]
     for i in range(0, len(args), 3):
         N, dtype, chunk = int(args[i]), args[i + 1], int(args[i + 2])
-        for name, ir in capture(N, dtype, chunk).items():
-            try:
-                print(N, dtype, chunk, compile_report(name, ir), flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(N, dtype, chunk, name, "FAILED", repr(e)[:500], flush=True)
+        for report in compile_reports(capture(N, dtype, chunk)):
+            print(N, dtype, chunk, report, flush=True)
