@@ -124,7 +124,8 @@ def _plot(records, path):
     axes[0].set_ylabel("milliseconds (median)")
     axes[0].legend(fontsize=8)
     first = times[0] if times else {}
-    fig.suptitle(f"RWKV6 WKV operator: B={first.get('B')} H={first.get('H')} N={first.get('N')} "
+    where = ", ".join(dict.fromkeys(r.get("device_name", r["device"]) for r in times))
+    fig.suptitle(f"RWKV6 WKV operator on {where}: B={first.get('B')} H={first.get('H')} N={first.get('N')} "
                  f"{first.get('dtype', '')}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -258,6 +259,24 @@ def _inputs(B, T, H, N, dtype, seed, with_state):
     return tensors, s0, ops.convert_to_tensor(rng.standard_normal(shape, np.float32))
 
 
+def _device_name(backend, device):
+    """What the numbers ran on, for the plot's title: the GPU's name, or the CPU core count."""
+    import os
+
+    try:
+        if device == "gpu" and backend == "torch":
+            import torch
+
+            return torch.cuda.get_device_name()
+        if device == "gpu" and backend == "jax":
+            import jax
+
+            return jax.devices()[0].device_kind
+    except Exception:  # noqa: BLE001 - a label only
+        pass
+    return f"{os.cpu_count()} CPU cores" if device == "cpu" else "GPU"
+
+
 def worker(config):
     import keras
     from keras import ops
@@ -274,12 +293,13 @@ def worker(config):
     emit(kind="plan", total=len(available) * (2 * len(config["lengths"]) + 1), engines=len(available),
          device=device, batch=B, heads=H, head_size=N, dtype=dtype)
     points = [(T, name) for T in config["lengths"] for name in PASSES] + [(1, "decode")]
+    name_of_device = _device_name(backend, device)
     for engine in available:
         for T, name in points:
             batch = config["decode_batch"] if name == "decode" else B
             tensors, s0, dy = _inputs(batch, T, H, N, dtype, seed=T, with_state=name == "decode")
             record = dict(backend=backend, engine=engine.NAME, device=device_of(tensors[0]), dtype=dtype,
-                          B=batch, T=T, H=H, N=N)
+                          B=batch, T=T, H=H, N=N, device_name=name_of_device)
             record["pass"] = name
             if not engine.supports(tensors[0], N):
                 emit(kind="skip", **record)
