@@ -9,7 +9,7 @@ and tot = prod over the sub-block:
     S_J+1 = diag(tot) S_J  +  sum_{s in J} (k_s * suf_s) v_s^T                (tensor cores: N x C x BV)
 
 and the pairs inside the sub-block are summed element by element from direct products (bands.py, which also
-yields pre), with the bonus on the diagonal:
+yields pre) or, with TREE, on the tensor cores level by level (tree.py), with the bonus on the diagonal:
 
     A[t, s] = sum_i r_t[i] k_s[i] prod_{s<m<t} d_m[i]   (s < t),     A[t, t] = sum_i r_t[i] u[i] k_t[i].
 
@@ -22,13 +22,15 @@ import triton
 import triton.language as tl
 
 from .bands import band_rows, store_decays
+from . import tree
 from .common import chunk_start_state, g_rows, head_base, load_rows, row_base, store_rows
 
 
 @triton.jit
 def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr, d_ptr,
                    T, H, NC, stride_t, has_s0,
-                   N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+                   N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr,
+                   TREE: tl.constexpr, EXP_PREC: tl.constexpr):
     pid = tl.program_id(0)
     c = pid % NC
     bh = pid // NC
@@ -47,10 +49,17 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
         r = load_rows(r_ptr, base, rows, T, cols, stride_t)
         k = load_rows(k_ptr, base, rows, T, cols, stride_t)
         v = load_rows(v_ptr, base, rows, T, jv, stride_t)
-        g, d = store_decays(w_ptr, d_ptr, base, rows, T, cols, stride_t)
-        tl.debug_barrier()                                                  # the scratch d is written
-        y, pre = band_rows(r, k_ptr, v_ptr, d_ptr, base, t0, T, stride_t, cols, jv, C)   # pairs inside
-        y += tl.sum(r * u[None, :] * k, 1)[:, None] * v                      # the bonus
+        if TREE:
+            g = g_rows(w_ptr, base, rows, idx >= 0, T, cols, stride_t)
+            pre = tl.exp(tl.cumsum(g_rows(w_ptr, base, rows - 1, idx > 0, T, cols, stride_t), 0))
+            A = tree.pair_matrix(r_ptr, k_ptr, g, base, t0, T, stride_t, cols, C, PREC, EXP_PREC)
+            A = tl.where(idx[:, None] == idx[None, :], tl.sum(r * u[None, :] * k, 1)[:, None], A)
+            y = tl.dot(A, v, input_precision=PREC)
+        else:
+            g, d = store_decays(w_ptr, d_ptr, base, rows, T, cols, stride_t)
+            tl.debug_barrier()                                              # the scratch d is written
+            y, pre = band_rows(r, k_ptr, v_ptr, d_ptr, base, t0, T, stride_t, cols, jv, C)   # pairs inside
+            y += tl.sum(r * u[None, :] * k, 1)[:, None] * v                  # the bonus
         y = tl.dot(r * pre, S, acc=y, input_precision=PREC)                  # through the state
         store_rows(y_ptr, base, rows, T, jv, stride_t, y)
         # the next sub-block's start state (after the last one: unused);
@@ -65,16 +74,18 @@ TUNE = {}
 
 
 def forward_config(N):
-    """(BV, num_warps): one program covers all value channels up to N = 64; N = 128 splits them in two."""
-    return TUNE.get(N, (N, 4) if N <= 32 else ((N, 8) if N <= 64 else (64, 8)))
+    """(BV, num_warps, tree): one program covers all value channels up to N = 64; N = 128 splits them in two.
+    tree: the pairs inside a sub-block on the tensor cores (tree.py) instead of the diagonal bands (bands.py)."""
+    return TUNE.get(N, (N, 4, False) if N <= 32 else ((N, 8, False) if N <= 64 else (64, 8, False)))
 
 
 def launch_forward(r, k, v, w, u, s0, states, y, scratch, prec, L, C):
     """scratch: float32 like r (the decays, written and read by the kernel)."""
     B, T, H, N = r.shape
     NC = -(-T // L)
-    BV, warps = forward_config(N)
+    BV, warps, use_tree = forward_config(N)
     grid = (B * H * NC, N // BV)
     forward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, y, scratch,
                          T, H, NC, H * N, int(s0 is not None),
-                         N=N, BV=BV, L=L, C=C, PREC=prec, num_warps=warps)
+                         N=N, BV=BV, L=L, C=C, PREC=prec, TREE=use_tree,
+                         EXP_PREC="tf32x3" if prec == "tf32x3" else "tf32", num_warps=warps)
