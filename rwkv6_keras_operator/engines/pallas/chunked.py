@@ -33,12 +33,12 @@ def chunk_rows(L, T):
     return c, core.ds(t0, L), ((t0 + jnp.arange(L)) < T)[:, None]
 
 
-def load_keys(ref_key, w_ref, b, h, rows, valid, cols, L, r_ref=None, pieces=3):
+def load_keys(ref_key, w_ref, b, h, rows, valid, cols, L, r_ref=None):
     """ChunkKeys for one key block: key rows (and r rows if given), g = 0 on padding rows."""
     key = core.load(ref_key.at[b, rows, h, cols], valid)
     g = jnp.where(valid, core.log_decay(core.load(w_ref.at[b, rows, h, cols], valid)), 0.0)
     r = key if r_ref is None else core.load(r_ref.at[b, rows, h, cols], valid)
-    return ChunkKeys(r, key, g, L, pieces)
+    return ChunkKeys(r, key, g, L)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -48,14 +48,14 @@ def _terms_kernel(key_ref, val_ref, w_ref, x_ref, a_ref, *, T, L, N, prec, rever
     size, n = blocks(N)
     for i in range(n):
         kcols = core.ds(i * size, size)
-        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, pieces=core.pieces(prec))
+        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L)
         decay = kb.chunk_pre() if reverse else kb.chunk_suf()
         core.store(a_ref.at[b, h, c, kcols], kb.chunk_tot()[0])
         kq = kb.k * decay
         for j in range(n):
             vcols = core.ds(j * size, size)
             val = core.load(val_ref.at[b, rows, h, vcols], valid)
-            core.store(x_ref.at[b, h, c, kcols, vcols], core.mm(kq, val, prec, ta=True))
+            core.store(x_ref.at[b, h, c, kcols, vcols], core.mm(kq, val, core.state_prec(prec), ta=True))
 
 
 def state_terms(key, val, w, *, L, prec, reverse=False):
@@ -78,7 +78,7 @@ def _output_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s_ref, y_ref, *, T, L, N, 
     keys, us, r_pre = [], [], []
     for i in range(n):
         kcols = core.ds(i * size, size)
-        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, r_ref=r_ref, pieces=core.pieces(prec))
+        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, r_ref=r_ref)
         keys.append(kb)
         us.append(core.load(u_ref.at[b, h, kcols])[None, :])
         r_pre.append(kb.r * kb.chunk_pre())
@@ -90,7 +90,7 @@ def _output_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s_ref, y_ref, *, T, L, N, 
         y = core.mm(A, v, prec) + diag * v
         for i in range(n):
             S = core.load(s_ref.at[b, h, c, core.ds(i * size, size), vcols])
-            y = y + core.mm(r_pre[i], S, prec)
+            y = y + core.mm(r_pre[i], S, core.state_prec(prec))
         core.store(y_ref.at[b, rows, h, vcols], y, valid)
 
 

@@ -61,14 +61,13 @@ def _params_class():
     return getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
 
-def call(kernel, *, grid, out_shape, num_warps=4, num_stages=2, name=None, aliases=None):
+def call(kernel, *, grid, out_shape, num_warps=4, num_stages=2, name=None):
     """pallas_call with whole-array refs: each kernel indexes its own tiles by program id."""
     return pl.pallas_call(
         kernel,
         grid=grid,
         out_shape=out_shape,
         compiler_params=_params_class()(num_warps=num_warps, num_stages=num_stages),
-        input_output_aliases=aliases or {},
         interpret=interpret(),
         name=name,
     )
@@ -95,7 +94,8 @@ def store(ref, value, mask=None):
 
 # --------------------------------------------------------------------------------------------------------
 # Precision of the products of tiles. A kernel takes one `prec` (a static string) for its main products:
-#   "bf16"/"f16": operands rounded to the input dtype, float32 accumulation (tensor cores, fastest);
+#   "bf16"/"f16": operands rounded to the input dtype, float32 accumulation (tensor cores, fastest; only
+#                 inside a chunk: products with a state use state_prec);
 #   "tf32": float32 operands in the tensor cores' tf32 mode (10-bit mantissa);
 #   "tf32x3": three tf32 products that carry float32 accuracy (the float32 path on GPU);
 #   "ieee": exact float32 products (the interpreter's choice for float32).
@@ -105,6 +105,13 @@ def resolve_prec(dtype, mode=None):
     if jnp.dtype(dtype) == jnp.float32:
         return "ieee" if interpret() else "tf32x3"
     return mode or "tf32"
+
+
+def state_prec(prec):
+    """Precision of the products with a state (or its gradient): never rounded to 16 bits. A state may grow to
+    any size (with decays of exactly 1 it sums every k v^T of the sequence), past float16's range, and it carries
+    the whole past: tf32 at least."""
+    return "tf32" if prec in ("bf16", "f16") else prec
 
 
 def mm(a, b, prec, ta=False, tb=False):
@@ -142,7 +149,8 @@ def split3(x, pieces=3):
 
 
 def pieces(prec):
-    """Pieces of split3 for a kernel of product precision `prec`: all 24 bits for float32 inputs."""
+    """Pieces of split3 for the gradient sums of dg: all 24 bits for float32 inputs, 16 for 16-bit inputs (whose
+    gradients carry 8 to 11 bits). Decay factors always use all 24 bits."""
     return 3 if prec in ("tf32x3", "ieee") else 2
 
 
@@ -199,8 +207,3 @@ def span_mask(L, shift):
     m, q = grid2(L)
     lower = ((q >> shift) & 1) == 1
     return ((m >> shift) == (q >> shift)) & jnp.where(lower, q > m, q < m)
-
-
-def diag_mask(L):
-    t, s = grid2(L)
-    return t == s

@@ -54,14 +54,14 @@ def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
     for v, dy in zip(vs, dys):
         dA = _add(dA, core.mm(dy, v, prec, tb=True))
         e = _add(e, jnp.sum(dy * v, axis=1, keepdims=True))
-    K, npc = core.log2(L), core.pieces(prec)
+    K, npc, sprec = core.log2(L), core.pieces(prec), core.state_prec(prec)
     after, before = core.after_mask(L, K), core.before_mask(L, K)
 
     A = diag = None
     dvs = [None] * nv
     for i in range(nk):
         kcols = core.ds(i * ksize, ksize)
-        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, r_ref=r_ref, pieces=npc)
+        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, r_ref=r_ref)
         u = core.load(u_ref.at[b, h, kcols])[None, :]
         # Level h = 1: neighbours, W = 1, no position between them (no dg part).
         pairs = core.pair_mask(L, 0)
@@ -92,10 +92,10 @@ def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
         for j in range(nv):
             S = core.load(s_ref.at[b, h, c, kcols, vcols[j]])
             D = core.load(d_ref.at[b, h, c, kcols, vcols[j]])
-            dyS = _add(dyS, core.mm(dys[j], S, prec, tb=True))
-            vD = _add(vD, core.mm(vs[j], D, prec, tb=True))
+            dyS = _add(dyS, core.mm(dys[j], S, sprec, tb=True))
+            vD = _add(vD, core.mm(vs[j], D, sprec, tb=True))
             SD = _add(SD, jnp.sum(S * D, axis=1)[None, :])
-            dvs[j] = _add(dvs[j], core.mm(kq_end, D, prec))
+            dvs[j] = _add(dvs[j], core.mm(kq_end, D, sprec))
         x_state, y_state = e_pre * dyS, kq_end * vD
         dg = (dg + core.masked_sum(after, core.split3(kb.r * x_state, npc))
               + core.masked_sum(before, core.split3(y_state, npc)) + kb.chunk_tot() * SD)
