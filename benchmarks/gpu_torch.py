@@ -126,7 +126,7 @@ def time_ours(name, B, T, H, N, variants):
 
 VARIANT_CONFIGS = {  # module: configs to try (the first is the default); see each module's *_config/scan_tiles
     "scan": [None, (16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 3), (16, 16, 2, 3)],
-    "forward": [None, (64, 8, True), (64, 4, True), (64, 4, False)],
+    "forward": [None, (64, 8, False), (64, 8, True), (64, 4, True)],
     "backward": [None, (16, 1), (4, 1)],
 }
 

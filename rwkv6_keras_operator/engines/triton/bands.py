@@ -41,10 +41,11 @@ def store_decays(w_ptr, d_ptr, base, rows, T, cols, stride_t):
 
 
 @triton.jit
-def band_rows(r, k_ptr, v_ptr, d_ptr, base, t0, T, stride_t, cols, jv, C: tl.constexpr):
+def band_rows(r_ptr, k_ptr, v_ptr, d_ptr, base, t0, T, stride_t, cols, jv, C: tl.constexpr):
     """Forward: sum_{s<t} A[t, s] v_s (C x BV) with A[t, s] = sum_i r_t k_s W[t, s], and pre (C x N)."""
     idx = tl.arange(0, C)
     rows = t0 + idx
+    r = load_shifted(r_ptr, base, rows, rows < T, T, cols, stride_t, 0.0)
     D = tl.full(r.shape, 1.0, tl.float32)
     y = tl.zeros([C, jv.shape[0]], dtype=tl.float32)
     for delta in range(1, C):
