@@ -7,8 +7,9 @@ Ships with jaxlib: no CUDA toolkit, compiler or build step. The math is docs/mat
     grads.py      the backward inside each chunk            (parallel)
     recurrent.py  step by step, for short sequences         (decode)
 
-composed by ops.py, made vmappable and SPMD-shardable by sharding.py, and differentiated here with one
-`jax.custom_vjp`. All Pallas API use is in core.py. `RWKV6_PALLAS_INTERPRET=1` runs the kernels in the
+composed by ops.py, made vmappable and SPMD-shardable by sharding.py, and differentiated by one
+`jax.custom_vjp` (vjp.py). All Pallas API use is in core.py; the in-chunk math shared by the kernels is in
+intra.py. `RWKV6_PALLAS_INTERPRET=1` runs the kernels in the
 Pallas interpreter on any device (the CPU tests do).
 """
 import warnings

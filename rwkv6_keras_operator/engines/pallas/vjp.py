@@ -38,7 +38,7 @@ _wkv.defvjp(_wkv_fwd, _wkv_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "low_precision", "decode_max_t"))
-def wkv(r, k, v, w, u, s0, *, chunk=64, low_precision="tf32", decode_max_t=16):
+def wkv(r, k, v, w, u, s0, *, chunk=32, low_precision="tf32", decode_max_t=16):
     """r, k, v, w: (B, T, H, N) of one float dtype; u: (H, N); s0: (B, H, N, N) float32 or None.
 
     Jitted: called eagerly, one cached program runs instead of a dozen dispatches; inside a caller's jit (or
