@@ -15,6 +15,7 @@ through the returned state. Engines are imported only when their backend is the 
 """
 import importlib
 import os
+import sys
 
 import keras
 
@@ -26,7 +27,9 @@ GPU_ENGINES = (("torch", "triton"), ("jax", "pallas"))
 
 
 def _engine(name):
-    return importlib.import_module(f"{__name__}.{name}")
+    # A dict lookup, not importlib, on the hot path: torch.compile (dynamo) can trace it.
+    module = sys.modules.get(f"{__name__}.{name}")
+    return module if module is not None else importlib.import_module(f"{__name__}.{name}")
 
 
 def portable_engine():
@@ -58,3 +61,14 @@ def select(r, head_size, ops_loop):
         if engine.supports(r, head_size):
             return engine
     return portable_engine()
+
+
+def _import_active_engines():
+    """Import the active backend's engines now, so that the first call may already be under torch.compile."""
+    for engine_backend, name in GPU_ENGINES:
+        if engine_backend == keras.backend.backend():
+            _engine(name)
+    _engine("portable")
+
+
+_import_active_engines()
