@@ -6,7 +6,7 @@ final state), for float32 and bfloat16. Prints a table of relative L2 errors wit
 """
 import sys
 
-from .backends import emit, installed_backends, run_worker
+from .backends import device_of, emit, installed_backends, run_worker
 
 DESCRIPTION = "Check every engine available on this machine against the float64 oracle."
 FIELDS = ("y", "state", "r", "k", "v", "w", "u", "init_state")
@@ -52,12 +52,8 @@ def run(args):
     return 0 if ok else 1
 
 
-def _device_of(x):
-    text = str(getattr(x, "device", "cpu")).lower()
-    return "gpu" if ("cuda" in text or "gpu" in text) else "cpu"
-
-
 def worker(shape, seed):
+    import keras
     import ml_dtypes
     import numpy as np
     from keras import ops
@@ -97,9 +93,7 @@ def worker(shape, seed):
             (y, s), grads = vjp(call, tensors, [dy, dstate])
             errors = {"y": _rel(y, y_ref), "state": _rel(s, s_ref)}
             errors.update({f: _rel(g, g_ref[f]) for f, g in zip(FIELDS[2:], grads)})
-            import keras
-
-            emit(backend=keras.backend.backend(), engine=engine.NAME, device=_device_of(tensors[0]), dtype=dtype,
+            emit(backend=keras.backend.backend(), engine=engine.NAME, device=device_of(tensors[0]), dtype=dtype,
                  errors=errors)
 
 

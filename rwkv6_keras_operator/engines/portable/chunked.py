@@ -28,15 +28,26 @@ CHUNK = 32
 
 
 def scan(step, init, xs):
-    """ops.scan (a loop carrying `init` over the leading axis of xs), except under tensorflow, where keras' scan
-    builds a while loop without maximum_iterations that XLA cannot compile under a gradient tape: tf.scan
-    sets it."""
-    if keras.backend.backend() != "tensorflow":
-        return ops.scan(step, init, xs)
-    import tensorflow as tf
+    """A loop carrying `init` over the leading axis of xs; returns the last carry and the stacked outputs.
 
-    states = tf.scan(lambda carry, x: step(carry[0], x), xs, initializer=(init, init))
-    return states[0][-1], states[1]
+    ops.scan, except where the backend's version of it costs more than the loop: under tensorflow, keras'
+    scan builds a while loop without maximum_iterations, which XLA cannot compile under a gradient tape
+    (tf.scan sets it); under torch it indexes xs[i] at every step, and the backward of each index
+    materialises a zero tensor the size of all of xs (quadratic in the number of chunks): unstack once.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        states = tf.scan(lambda carry, x: step(carry[0], x), xs, initializer=(init, init))
+        return states[0][-1], states[1]
+    if backend == "torch":
+        carry, ys = init, []
+        for x in zip(*(ops.unstack(a) for a in xs)):
+            carry, y = step(carry, x)
+            ys.append(y)
+        return carry, ops.stack(ys)
+    return ops.scan(step, init, xs)
 
 
 def chunk_length(T, chunk=CHUNK):
