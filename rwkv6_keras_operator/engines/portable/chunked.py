@@ -18,36 +18,14 @@ The math is written down in docs/math.md; in short, per (batch, head) and with g
 All of it runs in float32 whatever the input dtype. `w` is clamped at W_MAX before exp(w): beyond it the
 decay exp(-exp(w)) is exactly 0.0 in float32 either way, and -inf (from exp(+100)) never appears.
 """
-import keras
 from keras import ops
+
+from .scan import chunk_states
 
 # exp(-exp(60)) underflows to exactly 0 in float32, as does the true decay for any larger w; the clamp only
 # keeps g = -exp(w) finite (g >= -1.1e26, so sums of a chunk of them stay finite too).
 W_MAX = 60.0
 CHUNK = 32
-
-
-def scan(step, init, xs):
-    """A loop carrying `init` over the leading axis of xs; returns the last carry and the stacked outputs.
-
-    ops.scan, except where the backend's version of it costs more than the loop: under tensorflow, keras'
-    scan builds a while loop without maximum_iterations, which XLA cannot compile under a gradient tape
-    (tf.scan sets it); under torch it indexes xs[i] at every step, and the backward of each index
-    materialises a zero tensor the size of all of xs (quadratic in the number of chunks): unstack once.
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        states = tf.scan(lambda carry, x: step(carry[0], x), xs, initializer=(init, init))
-        return states[0][-1], states[1]
-    if backend == "torch":
-        carry, ys = init, []
-        for x in zip(*(ops.unstack(a) for a in xs)):
-            carry, y = step(carry, x)
-            ys.append(y)
-        return carry, ops.stack(ys)
-    return ops.scan(step, init, xs)
 
 
 def chunk_length(T, chunk=CHUNK):
@@ -131,12 +109,7 @@ def chunked_wkv(r, k, v, w, u, s0, chunk=CHUNK):
         s0 = ops.zeros_like(kv[0])
     decay = ops.transpose(ops.reshape(tot, (B, H, nc, N, 1)), (2, 0, 1, 3, 4))
 
-    # States at chunk boundaries: S_{c+1} = decay_c * S_c + kv_c, one step per chunk.
-    def step(state, xs):
-        d, contrib = xs
-        return d * state + contrib, state
-
-    s_last, s_starts = scan(step, s0, (decay, kv))                       # s_starts: (nc, B, H, N, N)
+    s_last, s_starts = chunk_states(decay, kv, s0)                      # s_starts: (nc, B, H, N, N)
     s_starts = ops.reshape(ops.transpose(s_starts, (1, 2, 0, 3, 4)), (-1, N, N))
     y = y_intra + ops.matmul(rc * pre, s_starts)
     y = ops.transpose(ops.reshape(y, (B, H, nc * L, N)), (0, 2, 1, 3))[:, :T]
