@@ -46,7 +46,7 @@ def check_against_oracle(fn, B, T, H, N, decay, dtype, with_s0=True, seed=None):
 
 
 @pytest.mark.parametrize("decay", ["normal", "strong", "masks"])
-@pytest.mark.parametrize("T", [7, CHUNK + 13, 300])
+@pytest.mark.parametrize("T", [1, 7, CHUNK + 13, 300])  # T = 1: the one-step path
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_engine_matches_oracle(decay, T, dtype):
     check_against_oracle(portable.wkv, 2, T, 2, 16, decay, dtype)
