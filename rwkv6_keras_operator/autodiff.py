@@ -3,7 +3,8 @@ import keras
 import numpy as np
 
 
-def _numpy(x):
+def to_numpy(x):
+    """A backend tensor as a float64 NumPy array."""
     return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")), np.float64)
 
 
@@ -41,4 +42,4 @@ def vjp(fn, args, cotangents):
         grads = torch.autograd.grad(loss, args, allow_unused=True)
     else:
         raise RuntimeError(f"no autodiff for the Keras backend {backend!r}")
-    return [_numpy(o) for o in outs], [None if g is None else _numpy(g) for g in grads]
+    return [to_numpy(o) for o in outs], [None if g is None else to_numpy(g) for g in grads]

@@ -1,19 +1,20 @@
 """The chunked WKV forward in `keras.ops`: runs, and differentiates, on jax, torch and tensorflow.
 
-The math is written down in docs/math.md; in short, per (batch, head) and with g = -exp(w) <= 0:
+The math is written down in docs/math.md; in short, per (batch, head) and with d = exp(-exp(w)) in [0, 1]:
 
 * The sequence is cut into chunks of L = 2^K tokens. Inside a chunk, the pair (t, s), s < t, carries the
-  weight exp(sum_{s<j<t} g_j) <= 1. A binary tree splits every block of 2h positions into an upper half U
-  and a lower half D; for t in D and s in U the exponent splits at the boundary between the halves:
+  weight W[t, s] = prod_{s<j<t} d_j <= 1. A binary tree splits every block of 2h positions into an upper
+  half U and a lower half D; for t in D and s in U the product splits at the boundary between the halves:
 
-      sum_{s<j<t} g_j = suf_h(s) + pre_h(t)
+      W[t, s] = pre_h(t) * suf_h(s)
 
-  where pre_h(t) sums g over D's positions before t and suf_h(s) over U's positions after s. Both are
-  <= 0 and each is a direct sum over a contiguous range (built level by level from the finer one, never a
-  difference of prefix sums), so nothing overflows and nothing cancels. The pair block of that level is a
-  matrix product: (r_D * exp(pre_h)) @ (k_U * exp(suf_h))^T, times v_U.
-* Across chunks the state is carried by a scan: S <- exp(G_L) * S + sum_s (k_s * exp(suf_L(s))) v_s^T,
-  and each token reads the state at its chunk's start through r_t * exp(pre_L(t)).
+  where pre_h(t) multiplies d over D's positions before t and suf_h(s) over U's positions after s. Both
+  are <= 1 and each is a direct product over a contiguous range (built level by level from the finer
+  ones, never a quotient), so nothing overflows and nothing cancels. The pair block of that level is a
+  matrix product: (r_D * pre_h) @ (k_U * suf_h)^T, times v_U.
+* Across chunks the state is carried by a recurrence over chunks (scan.py):
+  S <- tot * S + sum_s (k_s * suf_L(s)) v_s^T, and each token reads the state at its chunk's start through
+  r_t * pre_L(t).
 
 All of it runs in float32 whatever the input dtype. `w` is clamped at W_MAX before exp(w): beyond it the
 decay exp(-exp(w)) is exactly 0.0 in float32 either way, and -inf (from exp(+100)) never appears.

@@ -10,9 +10,9 @@ def step_wkv(r, k, v, w, u, s0):
     r, k, v = (ops.cast(x[:, 0], "float32") for x in (r, k, v))
     kv = k[..., :, None] * v[..., None, :]                          # (B, H, N, N)
     state = ops.cast(u, "float32")[..., None] * kv
-    if s0 is not None:
-        state = state + s0
-    y = ops.einsum("bhi,bhij->bhj", r, state)
-    decay = ops.exp(log_decay(w[:, 0]))[..., None]
-    s1 = kv if s0 is None else decay * s0 + kv
+    if s0 is None:  # a zero start state: nothing to read, nothing to decay
+        y, s1 = ops.einsum("bhi,bhij->bhj", r, state), kv
+    else:
+        y = ops.einsum("bhi,bhij->bhj", r, state + s0)
+        s1 = ops.exp(log_decay(w[:, 0]))[..., None] * s0 + kv
     return ops.cast(y[:, None], dtype), s1
