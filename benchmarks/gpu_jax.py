@@ -4,10 +4,12 @@ the same run (rwkv-ops 0.11.3's JAX CUDA kernel, and fla 0.6.0 chunk_rwkv6 from 
 On the GPU machine, from the repository root:
     . .gpukit/setup_env.sh && python3 benchmarks/gpu_jax.py
     PEERS= SHAPES=train VARIANTS= python3 benchmarks/gpu_jax.py        # ours only, one shape, default config
-Env: SHAPES (train, long, decode; comma list), PEERS (rwkv_ops, fla; comma list, empty for none),
+Env: SHAPES (train, long, decode; comma list), PEERS (triton = this project's torch engine via
+     benchmarks/gpu_torch.py, rwkv_ops, fla; comma list, empty for none; default all three),
      VARIANTS (comma list of names in VARIANT_CONFIGS, timed at the training shape; default DEFAULT_VARIANTS,
      empty for none),
      KERNELS=0 (skip the per-kernel breakdown), SKIP_CHECK=1, PEER_TIMEOUT (s, default 420),
+     BUDGET (s for the whole script: peers are cut to it, variants skipped past it; they run last),
      SMOKE=1 (tiny shapes: a dry run of the script on CPU with RWKV6_PALLAS_INTERPRET=1).
 Writes $OUT/gpu_jax.json (OUT defaults to /tmp) and prints a table last. bf16 inputs, u float32, random data;
 times are medians of individually synchronised calls (as .gpukit/peers/peer_bench.py times rwkv-ops), and for
@@ -53,6 +55,11 @@ DEFAULT_VARIANTS = "bf16-products,chunk64,chunk64-bf16"
 RESULTS = {"date": time.strftime("%Y-%m-%d"), "check": [], "ours": {}, "variants": {}, "kernels": {}, "peers": {},
            "errors": []}
 T0 = time.time()
+
+
+def left():
+    """Seconds left of BUDGET (env, seconds for the whole script; unlimited by default)."""
+    return T0 + float(os.environ.get("BUDGET", "1e9")) - time.time()
 
 
 def log(msg):
@@ -190,6 +197,9 @@ def speed_shapes(shapes):
 def variants(names):
     B, T, H, N = SHAPES["train"]
     for name in names:
+        if left() < 60:
+            RESULTS["errors"].append({"what": f"variant {name}", "err": "not run: BUDGET spent"})
+            continue
         cfg = VARIANT_CONFIGS[name]
         configure(cfg)
         try:
@@ -237,23 +247,43 @@ def kernels():
 def peers(which, shapes):
     env = dict(os.environ)
     env["PYTHONPATH"] = env.get("PEER_PYTHONPATH", env.get("PYTHONPATH", ""))
-    timeout = int(os.environ.get("PEER_TIMEOUT", "420"))
+    def timeout():   # each peer gets PEER_TIMEOUT, cut to what is left of BUDGET (a peer stopped keeps its numbers)
+        return max(10, min(int(os.environ.get("PEER_TIMEOUT", "420")), left() - 20))
+
     script = os.path.join(ROOT, ".gpukit", "peers", "peer_bench.py")
     peer_shapes = ",".join(PEER_SHAPES[s] for s in shapes if s != "decode")
+    if "triton" in which:   # this project's torch engine, same run: the 1.3x goal is relative to it
+        out = os.path.join(OUT, "peer_triton")
+        os.makedirs(out, exist_ok=True)
+        log(f"peer triton (this project's torch engine) in a subprocess, timeout {timeout():.0f}s")
+        try:
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_torch.py")],
+                                  env={**os.environ, "PEERS": "", "SKIP_CHECK": "1", "KERNELS": "1",
+                                       "SHAPES": ",".join(shapes),
+                                       "OUT": out, "KERAS_BACKEND": "torch"},
+                                  capture_output=True, text=True, timeout=timeout())
+            with open(os.path.join(OUT, "peer_triton.log"), "w") as f:
+                f.write(proc.stdout[-20000:] + "\n---- stderr\n" + proc.stderr[-20000:])
+            with open(os.path.join(out, "gpu_torch.json")) as f:
+                RESULTS["peers"]["triton"] = json.load(f)["ours"]
+            log(f"  {RESULTS['peers']['triton']}")
+        except Exception as e:  # noqa: BLE001 (reported in the table, the other peers still run)
+            RESULTS["errors"].append({"what": "peer triton", "err": repr(e)[:600]})
     for peer, part in (("rwkv_ops", "jax"), ("fla", "torch")):
         if peer not in which:
             continue
         out = os.path.join(OUT, f"peer_{peer}")
         os.makedirs(out, exist_ok=True)
-        log(f"peer {peer} ({part}) in a subprocess, timeout {timeout}s")
+        limit = timeout()
+        log(f"peer {peer} ({part}) in a subprocess, timeout {limit:.0f}s")
         try:
             proc = subprocess.run([sys.executable, script, part], env={**env, "PEERS": peer, "SKIP_ACC": "1",
                                                                         "SHAPES": peer_shapes, "OUT": out},
-                                  capture_output=True, text=True, timeout=timeout)
+                                  capture_output=True, text=True, timeout=limit)
             with open(os.path.join(OUT, f"peer_{peer}.log"), "w") as f:
                 f.write(proc.stdout[-20000:] + "\n---- stderr\n" + proc.stderr[-20000:])
         except subprocess.TimeoutExpired:
-            RESULTS["errors"].append({"what": f"peer {peer}", "err": f"timeout after {timeout}s"})
+            RESULTS["errors"].append({"what": f"peer {peer}", "err": f"timeout after {limit:.0f}s"})
         lines = []
         path = os.path.join(out, "peer_results.jsonl")
         if os.path.exists(path):
@@ -265,6 +295,8 @@ def peers(which, shapes):
 
 
 def peer_ms(peer, shape, key):
+    if peer == "triton":
+        return RESULTS["peers"].get("triton", {}).get(shape, {}).get(key)
     name = {"rwkv_ops": "rwkv_ops", "fla": "fla_chunk"}[peer]
     if shape == "decode" and peer == "fla":
         name = "fla_fused_recurrent"
@@ -284,19 +316,22 @@ def table():
                         for c in RESULTS["check"] if c["dtype"] == d) for d in ("float32", "bfloat16", "float16")}
         print(f"check vs float64 oracle: {len(RESULTS['check']) - len(bad)}/{len(RESULTS['check'])} ok; worst error "
               + ", ".join(f"{d} {e:.1e}" for d, e in worst.items()))
-    print(f"{'shape':8s} {'ours fwd':>9s} {'ours f+b':>9s} {'rwkv-ops fwd':>13s} {'f+b':>7s} {'fla fwd':>8s} "
-          f"{'f+b':>7s}   f+b speed-up vs rwkv-ops / fla")
+    print(f"{'shape':8s} {'ours fwd':>9s} {'ours f+b':>9s} {'triton fwd':>11s} {'f+b':>7s} {'rwkv-ops fwd':>13s} "
+          f"{'f+b':>7s} {'fla fwd':>8s} {'f+b':>7s}   ours/triton fwd, f+b (goal <= 1.3); f+b speed-up vs rwkv-ops"
+          f" (goal >= 5) / fla")
+
+    def fmt(x, w=7):
+        return f"{x:{w}.3f}" if isinstance(x, (int, float)) else f"{'-':>{w}s}"
+
     for name, row in RESULTS["ours"].items():
+        tr_f, tr_b = peer_ms("triton", name, "fwd_ms"), peer_ms("triton", name, "fwd_bwd_ms")
         ro_f, ro_b = peer_ms("rwkv_ops", name, "fwd_ms"), peer_ms("rwkv_ops", name, "fwd_bwd_ms")
         fl_f, fl_b = peer_ms("fla", name, "fwd_ms"), peer_ms("fla", name, "fwd_bwd_ms")
-        ours_b = row.get("fwd_bwd_ms")
-
-        def fmt(x, w=7):
-            return f"{x:{w}.3f}" if isinstance(x, (int, float)) else f"{'-':>{w}s}"
-
-        ratios = [f"{b / ours_b:.2f}x" if (ours_b and b) else "-" for b in (ro_b, fl_b)]
-        print(f"{name:8s} {fmt(row['fwd_ms'], 9)} {fmt(ours_b, 9)} {fmt(ro_f, 13)} {fmt(ro_b)} {fmt(fl_f, 8)} "
-              f"{fmt(fl_b)}   {ratios[0]} / {ratios[1]}")
+        ours_f, ours_b = row.get("fwd_ms"), row.get("fwd_bwd_ms")
+        vs_triton = [f"{a / b:.2f}" if (a and b) else "-" for a, b in ((ours_f, tr_f), (ours_b, tr_b))]
+        speedups = [f"{b / ours_b:.2f}x" if (ours_b and b) else "-" for b in (ro_b, fl_b)]
+        print(f"{name:8s} {fmt(ours_f, 9)} {fmt(ours_b, 9)} {fmt(tr_f, 11)} {fmt(tr_b)} {fmt(ro_f, 13)} {fmt(ro_b)} "
+              f"{fmt(fl_f, 8)} {fmt(fl_b)}   {vs_triton[0]}, {vs_triton[1]}; {speedups[0]} / {speedups[1]}")
     if RESULTS["variants"]:
         print("variants at the training shape (ms): " + "; ".join(
             f"{n} {v.get('fwd_ms', float('nan')):.3f}/{v.get('fwd_bwd_ms', float('nan')):.3f}" if "err" not in v
@@ -319,9 +354,9 @@ def main():
     speed_shapes(shapes)
     if os.environ.get("KERNELS", "1") == "1":
         kernels()
+    peers([p for p in os.environ.get("PEERS", "triton,rwkv_ops,fla").split(",") if p], shapes)
     variants([v for v in os.environ.get("VARIANTS", DEFAULT_VARIANTS).split(",")
               if v and v != "default"])
-    peers([p for p in os.environ.get("PEERS", "rwkv_ops,fla").split(",") if p], shapes)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "gpu_jax.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)

@@ -5,8 +5,8 @@ On the GPU machine, from the repository root:
     . .gpukit/setup_env.sh && python3 benchmarks/gpu_torch.py                # ours + fla
     PEERS=fla,seed python3 benchmarks/gpu_torch.py                            # + the seed package (builds CUDA)
     PEERS= SHAPES=train python3 benchmarks/gpu_torch.py                       # ours only, one shape
-Env: PEERS (fla, seed; comma list, empty for none), SHAPES (train, long, decode), SKIP_CHECK=1, VARIANTS=1 (also
-time each kernel alone, under a few launch settings). Peers run in their own processes (.gpukit/peers/peer_bench.py):
+Env: PEERS (fla, seed; comma list, empty for none), SHAPES (train, long, decode), SKIP_CHECK=1, KERNELS=1 (also
+time each kernel alone), VARIANTS=1 (each kernel alone under a few launch settings), PEER_TIMEOUT (s, default 1500). Peers run in their own processes (.gpukit/peers/peer_bench.py):
 the seed package and this one share an import name. Writes $OUT/gpu_torch.json (OUT defaults to /tmp) and prints
 a table last. Timings: triton.testing.do_bench, median, bf16 inputs, u float32, random data.
 """
@@ -87,7 +87,7 @@ def make(B, T, H, N, seed=0):
     return r, k, v, w, u, dy
 
 
-def time_ours(name, B, T, H, N, variants):
+def time_ours(name, B, T, H, N, kernels, variants):
     r, k, v, w, u, dy = make(B, T, H, N)
     res = {}
     if T == 1:
@@ -119,8 +119,8 @@ def time_ours(name, B, T, H, N, variants):
             y.backward(dy.view(B, T, H * N))
 
         res["operator_fwd_bwd_ms"] = bench(ofb, grad_to_none=tc)
-    if variants:
-        RESULTS["kernels"][name] = time_kernels(r, k, v, w, u, dy)
+    if kernels or variants:
+        RESULTS["kernels"][name] = time_kernels(r, k, v, w, u, dy, variants)
     return res
 
 
@@ -131,8 +131,8 @@ VARIANT_CONFIGS = {  # module: configs to try (the first is the default); see ea
 }
 
 
-def time_kernels(r, k, v, w, u, dy):
-    """Each launch alone (same inputs), to see where the time goes; with VARIANTS=1 also other launch settings."""
+def time_kernels(r, k, v, w, u, dy, variants):
+    """Each launch alone (same inputs), to see where the time goes; with variants also other launch settings."""
     from rwkv6_keras_operator.engines.triton import backward, forward, scan
     from rwkv6_keras_operator.engines.triton.backward import launch_backward
     from rwkv6_keras_operator.engines.triton.forward import launch_forward
@@ -155,7 +155,7 @@ def time_kernels(r, k, v, w, u, dy):
     out = {}
     few = B * H * 4 < 512
     for name, module in (("scan", scan), ("forward", forward), ("backward", backward)):
-        for cfg in VARIANT_CONFIGS[name]:
+        for cfg in VARIANT_CONFIGS[name] if variants else [None]:
             key = ("few" if few else "many") if name == "scan" else N
             module.TUNE.clear()
             if cfg is not None:
@@ -171,23 +171,32 @@ def time_kernels(r, k, v, w, u, dy):
 
 # ---------------------------------------------------------------------------------------------------- peers
 def run_peers(peers, shapes):
+    """Each peer in its own process; its results are read from the JSON lines it appends as it goes, so a peer
+    stopped at PEER_TIMEOUT (s) still gives what it measured (fla autotunes on first use: minutes)."""
     env = dict(os.environ, SKIP_ACC="1", SHAPES=",".join(PEER_SHAPES[s] for s in shapes if s != "decode"))
     if os.environ.get("PEER_PYTHONPATH"):
         env["PYTHONPATH"] = os.environ["PEER_PYTHONPATH"]
+    timeout = int(os.environ.get("PEER_TIMEOUT", "1500"))
     for peer in peers:
         name = {"fla": "fla", "seed": "rwkv6_keras_operator"}[peer]
-        log(f"peer {peer}: .gpukit/peers/peer_bench.py (separate process)")
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, ".gpukit/peers/peer_bench.py"), "torch"],
-                              env=dict(env, PEERS=name), capture_output=True, text=True, timeout=1500)
-        with open(os.path.join(OUT, f"peer_{peer}.log"), "w") as f:
-            f.write(proc.stdout + "\n--- stderr\n" + proc.stderr)
-        for line in proc.stdout.splitlines():
-            if line.startswith("{"):
-                rec = json.loads(line)
-                if rec.get("kind") == "speed" and "err" not in rec:
-                    RESULTS["peers"].setdefault(rec["peer"], {})[rec["shape"]] = rec
-                elif rec.get("kind") in ("error", "fatal") or "err" in rec:
-                    log(f"peer {peer}: {rec}")
+        out = os.path.join(OUT, f"peer_{peer}")
+        os.makedirs(out, exist_ok=True)
+        log(f"peer {peer}: .gpukit/peers/peer_bench.py (separate process, timeout {timeout}s)")
+        try:
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, ".gpukit/peers/peer_bench.py"), "torch"],
+                                  env=dict(env, PEERS=name, OUT=out), capture_output=True, text=True, timeout=timeout)
+            with open(os.path.join(OUT, f"peer_{peer}.log"), "w") as f:
+                f.write(proc.stdout[-20000:] + "\n--- stderr\n" + proc.stderr[-20000:])
+        except subprocess.TimeoutExpired:
+            log(f"peer {peer}: stopped after {timeout}s; keeping what it measured")
+        path = os.path.join(out, "peer_results.jsonl")
+        for line in open(path) if os.path.exists(path) else []:
+            rec = json.loads(line)
+            if rec.get("kind") == "speed" and "err" not in rec:
+                RESULTS["peers"].setdefault(rec["peer"], {})[rec["shape"]] = rec
+                log(f"peer {peer}: {rec}")
+            elif rec.get("kind") in ("error", "fatal") or "err" in rec:
+                log(f"peer {peer}: {str(rec)[:300]}")
 
 
 def main():
@@ -202,9 +211,10 @@ def main():
         check()
     shapes = [s for s in os.environ.get("SHAPES", "train,long,decode").split(",") if s]
     variants = bool(os.environ.get("VARIANTS"))
+    kernels = os.environ.get("KERNELS") == "1"
     for s in shapes:
         log(f"ours {s} {SHAPES[s]}")
-        RESULTS["ours"][s] = time_ours(s, *SHAPES[s], variants)
+        RESULTS["ours"][s] = time_ours(s, *SHAPES[s], kernels, variants)
         log(f"ours {s}: {RESULTS['ours'][s]}")
         torch.cuda.empty_cache()
     with open(os.path.join(OUT, "gpu_torch.json"), "w") as f:

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: check the GPU engines against the float64 oracle, then time them with the peers in the
+# same run. Nothing is built: Triton (torch) and Pallas (jaxlib) compile the kernels at first use.
+#
+#   bash scripts/gpu.sh tests    # the whole torch suite (Triton engine) and the whole jax suite (Pallas engine)
+#   bash scripts/gpu.sh bench    # benchmarks/gpu_jax.py: Pallas, then the Triton engine, rwkv-ops and fla, same run
+#   bash scripts/gpu.sh multi    # 2+ GPUs: benchmarks/ddp_torch.py (torch DDP), benchmarks/shard_jax.py
+#   bash scripts/gpu.sh tests multi bench                                      # stages run in the order given
+#
+# On the lent machines of this workplace, first `. .gpukit/setup_env.sh` (keras wheels, writable caches, the peers
+# on $PEER_PYTHONPATH). Each step logs to NAME.log and writes its files under NAME/; all of it comes back packed in
+# $OUT/results.tgz (OUT default /tmp/gpu-out). Each step has its own time limit, so that one slow step cannot take
+# the others' results with it. fla autotunes its kernels on first use (minutes):
+# the tuned choices (Triton's *.autotune.json) are packed into autotune.tgz, and a later call that finds
+# .tcache/autotune.tgz restores them, so fla is timed with its own tuned kernels without tuning again.
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+LOGS=/tmp/gpu-logs   # everything the steps write; packed into $OUT/results.tgz at the end, step logs also copied
+mkdir -p "$OUT" "$LOGS"
+trap 'tar -czf "$OUT/results.tgz" -C "$LOGS" . && cp "$LOGS"/*.log "$OUT"/ 2>/dev/null' EXIT
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+CACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+mkdir -p "$CACHE"
+[ -f .tcache/autotune.tgz ] && tar -xzf .tcache/autotune.tgz -C "$CACHE" && echo "restored fla's autotune choices"
+
+status=0
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, print the log's tail
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout -k 10 "$limit" env OUT="$LOGS/$name" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - start))s"
+  tail -n "${TAIL:-15}" "$LOGS/$name.log"
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
+pack_autotune() {
+  (cd "$CACHE" && find . -name '*.autotune.json' | tar -czf "$LOGS/autotune.tgz" -T -) && \
+    echo "packed $(tar -tzf "$LOGS/autotune.tgz" | wc -l) autotune choices"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+GPUS=$(nvidia-smi -L | wc -l)
+TESTS_TORCH=(env KERAS_BACKEND=torch python3 -m pytest tests -q -n 12 -p no:cacheprovider -rs)
+TESTS_JAX=(env KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest tests -q -n 8 -p no:cacheprovider -rs)
+for stage in "$@"; do
+  case $stage in
+    tests)   # with 2+ GPUs the two suites run side by side, one GPU each (tests only: benchmarks run alone)
+      if [ "$GPUS" -ge 2 ]; then
+        CUDA_VISIBLE_DEVICES=0 step tests_torch "${TESTS_LIMIT:-300}" "${TESTS_TORCH[@]}" & torch_pid=$!
+        CUDA_VISIBLE_DEVICES=1 step tests_jax "${TESTS_LIMIT:-300}" "${TESTS_JAX[@]}" & jax_pid=$!
+        wait $torch_pid || status=1
+        wait $jax_pid || status=1
+      else
+        step tests_torch "${TESTS_LIMIT:-300}" "${TESTS_TORCH[@]}"
+        step tests_jax "${TESTS_LIMIT:-300}" "${TESTS_JAX[@]}"
+      fi ;;
+    bench)   # Pallas, this project's Triton engine, rwkv-ops and fla, one after the other in one run (GPU 0)
+      step bench "${BENCH_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 KERAS_BACKEND=jax \
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 BUDGET=$(( ${BENCH_LIMIT:-560} - 20 )) python3 benchmarks/gpu_jax.py
+      pack_autotune ;;
+    multi)
+      step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py
+      step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
+    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, multi)" >&2; exit 2 ;;
+  esac
+done
+exit $status
