@@ -278,6 +278,9 @@ def peers(which, shapes):
         log(f"peer {peer} ({part}) in a subprocess, timeout {limit:.0f}s")
         try:
             proc = subprocess.run([sys.executable, script, part], env={**env, "PEERS": peer, "SKIP_ACC": "1",
+                                                                        # XLA's pool would leave the peer's own
+                                                                        # CUDA allocations no room (long: OOM)
+                                                                        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
                                                                         "SHAPES": peer_shapes, "OUT": out},
                                   capture_output=True, text=True, timeout=limit)
             with open(os.path.join(OUT, f"peer_{peer}.log"), "w") as f:

@@ -2,7 +2,7 @@
 from keras import ops
 
 from . import engines
-from .arguments import prepare
+from .arguments import prepare, reshape
 
 
 class RWKVKernelOperator:
@@ -42,7 +42,7 @@ class RWKVKernelOperator:
         args = prepare(self.head_size, r, k, v, w, u, init_state, state_map)
         engine = engines.select(args.r, self.head_size, self.ops_loop)
         y, state = engine.wkv(args.r, args.k, args.v, args.w, args.u, args.s0)
-        y = ops.reshape(y, ops.shape(r) if args.shape[0] is None or args.shape[1] is None else args.shape)
+        y = reshape(y, ops.shape(r) if args.shape[0] is None or args.shape[1] is None else args.shape)
         return y, (state if with_state else None)
 
     def __repr__(self):

@@ -28,6 +28,7 @@ status=0
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, print the log's tail
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
+  mkdir -p "$LOGS/$name"
   echo "== $name (limit ${limit}s)"
   timeout -k 10 "$limit" env OUT="$LOGS/$name" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
@@ -61,6 +62,7 @@ for stage in "$@"; do
       step bench "${BENCH_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 KERAS_BACKEND=jax \
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 BUDGET=$(( ${BENCH_LIMIT:-560} - 20 )) python3 benchmarks/gpu_jax.py
       pack_autotune ;;
+    ddp) step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py ;;
     multi)
       step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py
       step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;

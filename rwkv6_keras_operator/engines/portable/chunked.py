@@ -16,9 +16,11 @@ The math is written down in docs/math.md; in short, per (batch, head) and with d
   S <- tot * S + sum_s (k_s * suf_L(s)) v_s^T, and each token reads the state at its chunk's start through
   r_t * pre_L(t).
 
-All of it runs in float32 whatever the input dtype. `w` is clamped at W_MAX before exp(w): beyond it the
+All of it runs in float32 whatever the input dtype; for float32 inputs the matrix products are full float32
+products (`matmul`), also where the backend would use TF32 on its own (jax on NVIDIA GPUs). `w` is clamped at W_MAX before exp(w): beyond it the
 decay exp(-exp(w)) is exactly 0.0 in float32 either way, and -inf (from exp(+100)) never appears.
 """
+import keras
 from keras import ops
 
 from .scan import chunk_states
@@ -27,6 +29,17 @@ from .scan import chunk_states
 # keeps g = -exp(w) finite (g >= -1.1e26, so sums of a chunk of them stay finite too).
 W_MAX = 60.0
 CHUNK = 32
+
+
+def matmul(a, b, exact):
+    """a @ b. exact: full float32 products. jax on an NVIDIA GPU would otherwise multiply float32 matrices in TF32
+    (~1e-3 relative error, measured on an H200: 2e-4 on y); torch keeps float32 unless the user allows TF32;
+    tensorflow follows `tf.config.experimental.enable_tensor_float_32_execution` (README, FAQ)."""
+    if exact and keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        return jnp.matmul(a, b, precision="highest")
+    return ops.matmul(a, b)
 
 
 def chunk_length(T, chunk=CHUNK):
@@ -42,7 +55,7 @@ def log_decay(w):
     return -ops.exp(ops.minimum(ops.cast(w, "float32"), W_MAX))
 
 
-def _tree_intra(r, k, v, d):
+def _tree_intra(r, k, v, d, exact):
     """Intra-chunk part, all chunks at once. r, k, v: (M, L, N) float32; d = exp(g): (M, L, N).
 
     Returns y_intra (M, L, N) and, for the chunk as a whole, the decay products over the positions before
@@ -65,8 +78,8 @@ def _tree_intra(r, k, v, d):
         kq = k5[:, :, 0] * suf5[:, :, 0]
         # (a copied, not a strided view, as matmul operand: torch's CPU backward of bmm on strided views
         # takes a per-matrix slow path)
-        a = ops.matmul(rq, ops.swapaxes(kq, -1, -2))
-        y_dn = ops.matmul(a, ops.copy(v5[:, :, 0]))
+        a = matmul(rq, ops.swapaxes(kq, -1, -2), exact)
+        y_dn = matmul(a, ops.copy(v5[:, :, 0]), exact)
         y = y + ops.reshape(ops.stack([ops.zeros_like(y_dn), y_dn], axis=2), (-1, L, N))
         # grow the products to blocks of 2h: each half takes in the other half's total on its far side
         pre = ops.reshape(ops.stack([pre5[:, :, 0], pre5[:, :, 1] * tot_up], axis=2), (-1, L, N))
@@ -101,10 +114,11 @@ def chunked_wkv(r, k, v, w, u, s0, chunk=CHUNK):
         return ops.reshape(x, (-1, L, N))
 
     rc, kc, vc, dc = map(to_chunks, (r, k, v, d))
-    y_intra, pre, suf, tot = _tree_intra(rc, kc, vc, dc)
+    exact = keras.backend.standardize_dtype(dtype) == "float32"
+    y_intra, pre, suf, tot = _tree_intra(rc, kc, vc, dc, exact)
 
     # the chunk's own contribution to the state, and its decay
-    kv = ops.matmul(ops.swapaxes(kc * suf, -1, -2), vc)                  # (M, N, N)
+    kv = matmul(ops.swapaxes(kc * suf, -1, -2), vc, exact)               # (M, N, N)
     kv = ops.transpose(ops.reshape(kv, (B, H, nc, N, N)), (2, 0, 1, 3, 4))  # (nc, B, H, N, N)
     if s0 is None:
         s0 = ops.zeros_like(kv[0])
@@ -112,6 +126,6 @@ def chunked_wkv(r, k, v, w, u, s0, chunk=CHUNK):
 
     s_last, s_starts = chunk_states(decay, kv, s0)                      # s_starts: (nc, B, H, N, N)
     s_starts = ops.reshape(ops.transpose(s_starts, (1, 2, 0, 3, 4)), (-1, N, N))
-    y = y_intra + ops.matmul(rc * pre, s_starts)
+    y = y_intra + matmul(rc * pre, s_starts, exact)
     y = ops.transpose(ops.reshape(y, (B, H, nc * L, N)), (0, 2, 1, 3))[:, :T]
     return ops.cast(y + bonus, dtype), s_last
