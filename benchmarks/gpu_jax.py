@@ -8,7 +8,7 @@ Env: SHAPES (train, long, decode; comma list), PEERS (triton = this project's to
      benchmarks/gpu_torch.py, rwkv_ops, fla; comma list, empty for none; default all three),
      VARIANTS (comma list of names in VARIANT_CONFIGS, timed at the training shape; default DEFAULT_VARIANTS,
      empty for none),
-     KERNELS=0 (skip the per-kernel breakdown), SKIP_CHECK=1, PEER_TIMEOUT (s, default 420),
+     KERNELS=0 (skip the per-kernel breakdown), TRITON_VARIANTS=1 (the Triton peer times its kernels' variants), SKIP_CHECK=1, PEER_TIMEOUT (s, default 420),
      BUDGET (s for the whole script: peers are cut to it, variants skipped past it; they run last),
      SMOKE=1 (tiny shapes: a dry run of the script on CPU with RWKV6_PALLAS_INTERPRET=1).
 Writes $OUT/gpu_jax.json (OUT defaults to /tmp) and prints a table last. bf16 inputs, u float32, random data;
@@ -50,6 +50,11 @@ VARIANT_CONFIGS = {
     "warps4": {"output_warps": 4, "grads_warps": 4},
     "chunk16": {"chunk": 16},
     "scan32": {"scan_block": 32},
+    "bf16-pieces2": {"low_precision": "bf16", "decay_pieces_16bit": 2},
+    "bf16-pieces2-warps4": {"low_precision": "bf16", "decay_pieces_16bit": 2, "output_warps": 4, "grads_warps": 4},
+    "bf16-pieces2-chunk16": {"low_precision": "bf16", "decay_pieces_16bit": 2, "chunk": 16},
+    "bf16-pieces2-out4": {"low_precision": "bf16", "decay_pieces_16bit": 2, "output_warps": 4},
+    "bf16-pieces2-scan32": {"low_precision": "bf16", "decay_pieces_16bit": 2, "scan_block": 32, "scan_warps": 4},
 }
 DEFAULT_VARIANTS = "bf16-products,chunk64,chunk64-bf16"
 RESULTS = {"date": time.strftime("%Y-%m-%d"), "check": [], "ours": {}, "variants": {}, "kernels": {}, "peers": {},
@@ -67,7 +72,11 @@ def log(msg):
 
 
 def configure(cfg):
-    """Set the engine's configuration (read when a function is traced: every timing jits afresh)."""
+    """Set the engine's configuration (read when a function is traced: every timing jits afresh, and the traces
+    jax and the engine cached under the previous configuration are dropped)."""
+    jax.clear_caches()
+    for cached in (ops.forward, ops.backward, ops.decode):
+        cached.cache_clear()
     pallas.CHUNK = cfg.get("chunk", DEFAULTS["chunk"])
     pallas.LOW_PRECISION = cfg.get("low_precision", DEFAULTS["low_precision"])
     for key in core.TUNING:
@@ -115,7 +124,7 @@ def guarded(what):
 
 # ------------------------------------------------------------------------------------------------- correctness
 @guarded("check")
-def check():
+def check(dtypes=("float32", "bfloat16", "float16"), tag="default"):
     """Fresh random inputs each run; masks (decay exactly 0 and 1) sprinkled in; fp32, bf16, fp16."""
     seed = int(time.time()) % 100000
     B, T, H, N = 2, 300, 2, 64
@@ -132,7 +141,7 @@ def check():
         s0 = (rng.standard_normal((B, H, N, N)) * 0.3).astype(np.float32)
         dy = rng.standard_normal((B, T, C)).astype(np.float32)
         ds = rng.standard_normal((B, H, N, N)).astype(np.float32)
-        for dtype in ("float32", "bfloat16", "float16"):
+        for dtype in dtypes:
             tol_out, tol_grad = (1e-5, 1e-4) if dtype == "float32" else (1e-2, 1e-2)
             xs = [jnp.asarray(a).astype(dtype) for a in (r, k, v, w)]
             seen = [np.asarray(a.astype(jnp.float32)) for a in xs]
@@ -150,8 +159,8 @@ def check():
             for name, gi in zip(["r", "k", "v", "w", "u", "init_state"], g):
                 errs["d" + name] = rel(np.asarray(gi, np.float32), g_ref[name])
             ok = all(e <= (tol_out if n in ("y", "state") else tol_grad) for n, e in errs.items())
-            RESULTS["check"].append({"decay": decay, "dtype": dtype, "seed": seed, "ok": ok, **errs})
-            log(f"check {decay:6s} {dtype:8s} {'ok' if ok else 'FAIL'} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+            RESULTS["check"].append({"config": tag, "decay": decay, "dtype": dtype, "seed": seed, "ok": ok, **errs})
+            log(f"check {tag} {decay:6s} {dtype:8s} {'ok' if ok else 'FAIL'} " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()))
 
 
 # ------------------------------------------------------------------------------------------------------ speed
@@ -205,6 +214,7 @@ def variants(names):
         try:
             log(f"variant {name} {cfg}")
             RESULTS["variants"][name] = {"config": cfg, **speed("train", B, T, H, N)}
+            check(dtypes=("bfloat16", "float16"), tag=name)   # the same configuration against the oracle
             log(f"  {RESULTS['variants'][name]}")
         except Exception as e:  # noqa: BLE001
             RESULTS["variants"][name] = {"config": cfg, "err": repr(e)[:400]}
@@ -259,6 +269,7 @@ def peers(which, shapes):
         try:
             proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_torch.py")],
                                   env={**os.environ, "PEERS": "", "SKIP_CHECK": "1", "KERNELS": "1",
+                                       "VARIANTS": os.environ.get("TRITON_VARIANTS", ""),
                                        "SHAPES": ",".join(shapes),
                                        "OUT": out, "KERAS_BACKEND": "torch"},
                                   capture_output=True, text=True, timeout=timeout())
@@ -312,13 +323,16 @@ def peer_ms(peer, shape, key):
 def table():
     dev = jax.devices()[0]
     print(f"\n==== Pallas engine, {RESULTS['date']}, {getattr(dev, 'device_kind', dev)}, jax {jax.__version__}")
-    if RESULTS["check"]:
-        bad = [c for c in RESULTS["check"] if not c["ok"]]
-        worst = {d: max(max(v for k, v in c.items() if k in ("y", "state", "dr", "dk", "dv", "dw", "du",
-                                                                  "dinit_state"))
-                        for c in RESULTS["check"] if c["dtype"] == d) for d in ("float32", "bfloat16", "float16")}
-        print(f"check vs float64 oracle: {len(RESULTS['check']) - len(bad)}/{len(RESULTS['check'])} ok; worst error "
-              + ", ".join(f"{d} {e:.1e}" for d, e in worst.items()))
+    def worst(checks):
+        return max((max(v for k, v in c.items() if k in ("y", "state", "dr", "dk", "dv", "dw", "du", "dinit_state"))
+                    for c in checks), default=float("nan"))
+
+    for tag in dict.fromkeys(c["config"] for c in RESULTS["check"]):
+        checks = [c for c in RESULTS["check"] if c["config"] == tag]
+        bad = [c for c in checks if not c["ok"]]
+        print(f"check vs float64 oracle, {tag}: {len(checks) - len(bad)}/{len(checks)} ok; worst error "
+              + ", ".join(f"{d} {worst([c for c in checks if c['dtype'] == d]):.1e}"
+                          for d in dict.fromkeys(c["dtype"] for c in checks)))
     print(f"{'shape':8s} {'ours fwd':>9s} {'ours f+b':>9s} {'triton fwd':>11s} {'f+b':>7s} {'rwkv-ops fwd':>13s} "
           f"{'f+b':>7s} {'fla fwd':>8s} {'f+b':>7s}   ours/triton fwd, f+b (goal <= 1.3); f+b speed-up vs rwkv-ops"
           f" (goal >= 5) / fla")

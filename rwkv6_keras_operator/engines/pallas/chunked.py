@@ -33,12 +33,12 @@ def chunk_rows(L, T):
     return c, core.ds(t0, L), ((t0 + jnp.arange(L)) < T)[:, None]
 
 
-def load_keys(ref_key, w_ref, b, h, rows, valid, cols, L, r_ref=None):
+def load_keys(ref_key, w_ref, b, h, rows, valid, cols, L, prec, r_ref=None):
     """ChunkKeys for one key block: key rows (and r rows if given), g = 0 on padding rows."""
     key = core.load(ref_key.at[b, rows, h, cols], valid)
     g = jnp.where(valid, core.log_decay(core.load(w_ref.at[b, rows, h, cols], valid)), 0.0)
     r = key if r_ref is None else core.load(r_ref.at[b, rows, h, cols], valid)
-    return ChunkKeys(r, key, g, L)
+    return ChunkKeys(r, key, g, L, core.decay_pieces(prec))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def _terms_kernel(key_ref, val_ref, w_ref, x_ref, a_ref, *, T, L, N, prec, rever
     size, n = blocks(N)
     for i in range(n):
         kcols = core.ds(i * size, size)
-        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L)
+        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, prec)
         decay = kb.chunk_pre() if reverse else kb.chunk_suf()
         core.store(a_ref.at[b, h, c, kcols], kb.chunk_tot()[0])
         kq = kb.k * decay
@@ -78,7 +78,7 @@ def _output_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s_ref, y_ref, *, T, L, N, 
     keys, us, r_pre = [], [], []
     for i in range(n):
         kcols = core.ds(i * size, size)
-        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, r_ref=r_ref)
+        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, prec, r_ref=r_ref)
         keys.append(kb)
         us.append(core.load(u_ref.at[b, h, kcols])[None, :])
         r_pre.append(kb.r * kb.chunk_pre())

@@ -53,6 +53,7 @@ TUNING = {
     "scan_warps": 2,
     "scan_block": 16,        # value columns per scan program
     "recurrent_block": 16,   # value columns per step-by-step program
+    "decay_pieces_16bit": 3,  # bfloat16 pieces of g in the decay sums for 16-bit inputs (core.decay_pieces)
 }
 
 
@@ -104,6 +105,8 @@ def resolve_prec(dtype, mode=None):
     """The product precision for inputs of `dtype` (mode overrides the default for 16-bit inputs)."""
     if jnp.dtype(dtype) == jnp.float32:
         return "ieee" if interpret() else "tf32x3"
+    if mode == "bf16" and jnp.dtype(dtype) != BF16:
+        return "tf32"   # "bf16" rounds bfloat16 inputs' products only: float16 values would lose 3 bits
     return mode or "tf32"
 
 
@@ -152,6 +155,13 @@ def pieces(prec):
     """Pieces of split3 for the gradient sums of dg: all 24 bits for float32 inputs, 16 for 16-bit inputs (whose
     gradients carry 8 to 11 bits). Decay factors always use all 24 bits."""
     return 3 if prec in ("tf32x3", "ieee") else 2
+
+
+def decay_pieces(prec):
+    """Pieces of split3 for g in the decay sums: all 24 bits for float32 inputs; for 16-bit inputs
+    TUNING["decay_pieces_16bit"] (2 = 16 bits: a relative error of 2^-17 |sum g| in a factor exp(sum g), ~1e-5 for
+    the factors that matter, against the 2^-9 of the inputs themselves)."""
+    return 3 if prec in ("tf32x3", "ieee") else TUNING["decay_pieces_16bit"]
 
 
 def masked_sum(mask, parts):

@@ -61,7 +61,7 @@ def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
     dvs = [None] * nv
     for i in range(nk):
         kcols = core.ds(i * ksize, ksize)
-        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, r_ref=r_ref)
+        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, prec, r_ref=r_ref)
         u = core.load(u_ref.at[b, h, kcols])[None, :]
         # Level h = 1: neighbours, W = 1, no position between them (no dg part).
         pairs = core.pair_mask(L, 0)

@@ -21,9 +21,9 @@ from . import core
 class ChunkKeys:
     """r, k, g of one key block of one chunk, with the decay factors built on demand."""
 
-    def __init__(self, r, k, g, L):
+    def __init__(self, r, k, g, L, pieces=3):
         self.r, self.k, self.g, self.L = r, k, g, L
-        self.parts = core.split3(g)   # all 24 bits of g: the decays are float32-exact for every input dtype
+        self.parts = core.split3(g, pieces)   # bits of g the decay sums use: core.decay_pieces
 
     def level(self, shift):
         """exp(pre_h), exp(suf_h) for h = 2**shift >= 2: (L, BK) tiles."""
