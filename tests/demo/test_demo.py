@@ -1,5 +1,6 @@
 """The demo on the active backend: its model's state handling, serialization, corpus, and a tiny run."""
 import argparse
+import contextlib
 import os
 
 import keras
@@ -33,8 +34,20 @@ def ids():
     return np.random.default_rng(4).integers(0, VOCAB, T).astype(np.int32)
 
 
+def full_float32_products():
+    """jax on an NVIDIA GPU multiplies float32 matrices in TF32 by default, by a method that depends on the shape, so
+    the model's own Dense layers would differ between one step (B, 1, C) and the sequence (B, T, C) by ~1e-3 (seen on
+    an H200: 2.6e-3). This test is about the state the operator carries: the model's products run in float32."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.default_matmul_precision("float32")
+    return contextlib.nullcontext()
+
+
 def test_stepwise_and_prefill_reproduce_the_full_sequence(model, ids):
-    errors = consistency(model, ids, prefill=T // 2)
+    with full_float32_products():
+        errors = consistency(model, ids, prefill=T // 2)
     assert errors["stepwise"] <= 1e-4, errors
     assert errors["prefill"] <= 1e-4, errors
     assert errors["state"] <= 1e-4, errors

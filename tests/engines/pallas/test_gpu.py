@@ -74,7 +74,7 @@ def test_dtypes_and_decays(dtype, decay):
     check(2, 300, 2, 64, decay, dtype, seed=1, n_state=2)
 
 
-@pytest.mark.parametrize("N", [32, 128])
+@pytest.mark.parametrize("N", [16, 32, 128])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_head_sizes(N, dtype):
     check(2, 200, 2, N, "masks", dtype, seed=N)

@@ -155,8 +155,12 @@ def test_padding_rows_are_never_written():
 # ------------------------------------------------------------------------------------------ through the operator
 @pytest.fixture
 def forced(monkeypatch):
-    """The operator's dispatch picks the Pallas engine here too (interpreted without a GPU)."""
+    """The operator's dispatch picks the Pallas engine in the interpreter, on the CPU also where a GPU is (there
+    the compiled kernels are tested by test_gpu.py; the interpreter on a GPU would run its float32 products in
+    jax's default TF32)."""
     monkeypatch.setattr(core, "FORCE_INTERPRET", True)
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 def test_operator_selects_pallas(forced):
