@@ -24,8 +24,10 @@ DECODE_MAX_T = 16
 # Chunk length of the chunked kernels (a power of two >= 16).
 CHUNK = 32
 # Products for 16-bit inputs: "tf32" (float32 operands on the tensor cores) or "bf16"/"f16" (operands
-# rounded to the input dtype). float32 inputs always use float32-accurate products.
-LOW_PRECISION = "tf32"
+# rounded to the input dtype; "bf16" applies to bfloat16 inputs only, float16 inputs then keep tf32). float32
+# inputs always use float32-accurate products. bf16: fwd 3.8 -> 3.2 ms, fwd+bwd 7.3 -> 6.4 ms at the training
+# shape on an H200, worst error against the float64 oracle 2.5e-3 (tf32: 1.7e-3; tolerance 1e-2).
+LOW_PRECISION = "bf16"
 
 _warned = set()
 

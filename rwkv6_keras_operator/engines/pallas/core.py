@@ -46,15 +46,26 @@ def interpret():
 
 # Launch parameters, read when a kernel is traced (the benchmark sweeps them; defaults from the register
 # and spill reports of the compiled kernels, see benchmarks/notes_pallas.md).
+# Measured on an H200 (benchmarks/RESULTS.md): at the training shape, bf16, 4 warps for `output` and `grads`
+# (instead of 8) and 32 value columns a scan program (instead of 16, 2 warps) took fwd 3.49 -> 2.36 ms and
+# fwd+bwd 7.5 -> 5.9 ms together with the bf16 products and 2 decay pieces below.
 TUNING = {
     "terms_warps": 4,
-    "output_warps": 8,
-    "grads_warps": 8,
-    "scan_warps": 2,
-    "scan_block": 16,        # value columns per scan program
+    "output_warps": 4,       # N <= 64 and 16-bit inputs; else at least 8 (see warps())
+    "grads_warps": 4,        # idem
+    "scan_warps": 4,
+    "scan_block": 32,        # value columns per scan program
     "recurrent_block": 16,   # value columns per step-by-step program
-    "decay_pieces_16bit": 3,  # bfloat16 pieces of g in the decay sums for 16-bit inputs (core.decay_pieces)
+    "decay_pieces_16bit": 2,  # bfloat16 pieces of g in the decay sums for 16-bit inputs (core.decay_pieces)
 }
+
+
+def warps(key, N, dtype):
+    """num_warps of a chunk kernel: TUNING[key] where it was measured (N <= 64, 16-bit inputs); larger tiles (float32
+    operands, N = 128, 256) keep 8 warps, which the compiled kernels need to stay clear of heavy register spills."""
+    if N <= 64 and jnp.dtype(dtype) != F32:
+        return TUNING[key]
+    return max(TUNING[key], 8)
 
 
 def _params_class():

@@ -117,6 +117,6 @@ def grads(r, k, v, w, u, dy, starts, dends, *, L, prec):
     kernel = functools.partial(_grads_kernel, T=T, L=L, N=N, prec=prec)
     like = jax.ShapeDtypeStruct(r.shape, r.dtype)
     return core.call(
-        kernel, grid=(nc, H, B), num_warps=core.TUNING["grads_warps"], num_stages=1, name="wkv6_grads",
+        kernel, grid=(nc, H, B), num_warps=core.warps("grads_warps", N, r.dtype), num_stages=1, name="wkv6_grads",
         out_shape=(like, like, like, like, jax.ShapeDtypeStruct((B, H, nc, N), jnp.float32)),
     )(r, k, v, w, u, dy, starts, dends)

@@ -40,7 +40,7 @@ def test_kernels_compile_for_hopper(dtype):
         pytest.skip("a GPU is here: the kernels are compiled by XLA's own Triton in test_gpu.py")
     if importlib.util.find_spec("triton") is None:
         pytest.skip("the triton package compiles the IR; it is not installed")
-    reports = triton_ir.compile_reports(triton_ir.capture(64, dtype, 32))
+    reports = triton_ir.compile_reports(triton_ir.capture(64, dtype, 32), N=64, dtype=dtype)
     assert {r["kernel"] for r in reports} == KERNELS
     for report in reports:
         assert 0 <= report["smem"] <= HOPPER_SMEM, report

@@ -60,14 +60,18 @@ def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2):
     return modules
 
 
-def launch_settings(name):
+def launch_settings(name, N=64, dtype="bfloat16"):
     from rwkv6_keras_operator.engines.pallas import core
 
     warps, stages = LAUNCH[name]
-    return (core.TUNING[warps] if isinstance(warps, str) else warps), stages
+    if not isinstance(warps, str):
+        return warps, stages
+    if name in ("wkv6_output", "wkv6_grads"):
+        return core.warps(warps, N, dtype), stages
+    return core.TUNING[warps], stages
 
 
-def compile_reports(modules, timeout=600):
+def compile_reports(modules, timeout=600, N=64, dtype="bfloat16"):
     """[report per kernel] from compiling `modules` (name -> IR) with triton in a child process."""
     with tempfile.TemporaryDirectory() as tmp:
         jobs = []
@@ -75,7 +79,7 @@ def compile_reports(modules, timeout=600):
             path = os.path.join(tmp, f"{name}.ttir")
             with open(path, "w") as f:
                 f.write(ir)
-            warps, stages = launch_settings(name)
+            warps, stages = launch_settings(name, N, dtype)
             jobs.append({"name": name, "path": path, "warps": warps, "stages": stages})
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile", json.dumps(jobs)],
                               capture_output=True, text=True, timeout=timeout,
@@ -120,5 +124,5 @@ if __name__ == "__main__":
     args = sys.argv[1:] or ["64", "bfloat16", "32"]
     for i in range(0, len(args), 3):
         N, dtype, chunk = int(args[i]), args[i + 1], int(args[i + 2])
-        for report in compile_reports(capture(N, dtype, chunk)):
+        for report in compile_reports(capture(N, dtype, chunk), N=N, dtype=dtype):
             print(N, dtype, chunk, report, flush=True)
