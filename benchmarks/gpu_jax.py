@@ -55,6 +55,10 @@ VARIANT_CONFIGS = {
     "bf16-pieces2-chunk16": {"low_precision": "bf16", "decay_pieces_16bit": 2, "chunk": 16},
     "bf16-pieces2-out4": {"low_precision": "bf16", "decay_pieces_16bit": 2, "output_warps": 4},
     "bf16-pieces2-scan32": {"low_precision": "bf16", "decay_pieces_16bit": 2, "scan_block": 32, "scan_warps": 4},
+    # decode (timed at the decode shape): value columns per step-by-step program; 64 = whole 256-byte state rows
+    "decode32": {"recurrent_block": 32},
+    "decode64": {"recurrent_block": 64},
+    "decode64-warps4": {"recurrent_block": 64, "recurrent_warps": 4},
 }
 DEFAULT_VARIANTS = "bf16-products,chunk64,chunk64-bf16"
 RESULTS = {"date": time.strftime("%Y-%m-%d"), "check": [], "ours": {}, "variants": {}, "kernels": {}, "peers": {},
@@ -211,7 +215,7 @@ def speed_shapes(shapes):
 
 @guarded("variants")
 def variants(names):
-    B, T, H, N = SHAPES["train"]
+    """Each configuration at the training shape, or at the decode shape for the decode kernel's settings."""
     for name in names:
         if left() < 60:
             RESULTS["errors"].append({"what": f"variant {name}", "err": "not run: BUDGET spent"})
@@ -220,8 +224,10 @@ def variants(names):
         configure(cfg)
         try:
             log(f"variant {name} {cfg}")
-            RESULTS["variants"][name] = {"config": cfg, **speed("train", B, T, H, N)}
-            check(dtypes=("bfloat16", "float16"), tag=name)   # the same configuration against the oracle
+            shape = "decode" if "recurrent_block" in cfg else "train"
+            RESULTS["variants"][name] = {"config": cfg, "shape": shape, **speed(shape, *SHAPES[shape])}
+            if shape == "train":   # the same configuration against the oracle (the check runs chunked)
+                check(dtypes=("bfloat16", "float16"), tag=name)
             log(f"  {RESULTS['variants'][name]}")
         except Exception as e:  # noqa: BLE001
             RESULTS["variants"][name] = {"config": cfg, "err": repr(e)[:400]}
@@ -357,8 +363,9 @@ def table():
         print(f"{name:8s} {fmt(ours_f, 9)} {fmt(ours_b, 9)} {fmt(tr_f, 11)} {fmt(tr_b)} {fmt(ro_f, 13)} {fmt(ro_b)} "
               f"{fmt(fl_f, 8)} {fmt(fl_b)}   {vs_triton[0]}, {vs_triton[1]}; {speedups[0]} / {speedups[1]}")
     if RESULTS["variants"]:
-        print("variants at the training shape (ms): " + "; ".join(
-            f"{n} {v.get('fwd_ms', float('nan')):.3f}/{v.get('fwd_bwd_ms', float('nan')):.3f}" if "err" not in v
+        print("variants (ms, fwd/fwd+bwd at the training shape; decode: a call / a step in one program): " + "; ".join(
+            f"{n} {v.get('fwd_ms', float('nan')):.3f}/"
+            f"{v.get('fwd_bwd_ms', v.get('in_one_program_ms', float('nan'))):.3f}" if "err" not in v
             else f"{n} FAILED" for n, v in RESULTS["variants"].items()))
     if RESULTS["kernels"]:
         print("kernels alone (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in RESULTS["kernels"].items()

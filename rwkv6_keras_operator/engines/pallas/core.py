@@ -56,6 +56,7 @@ TUNING = {
     "scan_warps": 4,
     "scan_block": 32,        # value columns per scan program
     "recurrent_block": 16,   # value columns per step-by-step program
+    "recurrent_warps": 2,
     "decay_pieces_16bit": 2,  # bfloat16 pieces of g in the decay sums for 16-bit inputs (core.decay_pieces)
 }
 

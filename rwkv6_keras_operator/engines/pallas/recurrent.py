@@ -40,7 +40,7 @@ def recurrent(r, k, v, w, u, s0):
     BV = min(core.TUNING["recurrent_block"], N)
     kernel = functools.partial(_step_kernel, T=T, BV=BV)
     return core.call(
-        kernel, grid=(N // BV, H, B), num_warps=2, num_stages=2, name="wkv6_recurrent",
+        kernel, grid=(N // BV, H, B), num_warps=core.TUNING["recurrent_warps"], num_stages=2, name="wkv6_recurrent",
         out_shape=(jax.ShapeDtypeStruct(r.shape, r.dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(r, k, v, w, u, s0)
