@@ -61,6 +61,7 @@ def check():
             ts = [torch.tensor(a, device="cuda").to(dtype).requires_grad_(True) for a in (r, k, v, w.astype(np.float32))]
             ts += [torch.tensor(u, device="cuda").requires_grad_(True), torch.tensor(s0, device="cuda").requires_grad_(True)]
             feed = [t.detach().float().cpu().numpy() for t in ts[:4]]
+            dy = torch.tensor(dy).to(dtype).float().numpy()   # the cotangent of y has y's dtype
             y, s = wkv(*(t.view(B, T, H, N) for t in ts[:4]), ts[4], ts[5])
             loss = (y.float().reshape(B, T, C) * torch.tensor(dy, device="cuda")).sum() + (s * torch.tensor(ds, device="cuda")).sum()
             grads = torch.autograd.grad(loss, ts)

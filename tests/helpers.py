@@ -35,6 +35,17 @@ def bf16_round(x):
     return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
+def rounded(x, dtype):
+    """x as an engine of input dtype `dtype` sees it (float32 values): inputs, and the cotangent of y, which has
+    the dtype of y (w = +100 and -1e9 become +-inf in float16, as the engine sees them)."""
+    if dtype == "bfloat16":
+        return bf16_round(x)
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+    return np.asarray(x, np.float32)
+
+
 def rel_err(got, want):
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
-from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, bf16_round, make_inputs, rel_err
+from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, make_inputs, rel_err, rounded
 
 if BACKEND != "jax":
     pytest.skip(f"the Pallas engine runs under the jax backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
@@ -23,14 +23,6 @@ from rwkv6_keras_operator.engines import pallas  # noqa: E402
 
 TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
 
-
-def rounded(x, dtype):
-    if dtype == "bfloat16":
-        return bf16_round(x)
-    if dtype == "float16":
-        with np.errstate(over="ignore"):
-            return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
-    return np.asarray(x, np.float32)
 
 
 def check(B, T, H, N, decay, dtype, seed, n_state=None, state_map=None, with_grads=True):

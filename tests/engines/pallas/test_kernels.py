@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
-from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, bf16_round, make_inputs, rel_err
+from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, make_inputs, rel_err, rounded
 
 if BACKEND != "jax":
     pytest.skip(f"the Pallas engine runs under the jax backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
@@ -22,14 +22,6 @@ from rwkv6_keras_operator.engines.pallas import core, vjp  # noqa: E402
 CHUNK = 16
 TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
 
-
-def rounded(x, dtype):
-    if dtype == "bfloat16":
-        return bf16_round(x)
-    if dtype == "float16":   # w = +100 and -1e9 become +-inf in float16, as the engine sees them
-        with np.errstate(over="ignore"):
-            return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
-    return np.asarray(x, np.float32)
 
 
 def engine(chunk=CHUNK, **kw):

@@ -7,7 +7,7 @@ from rwkv6_keras_operator.engines import portable
 from rwkv6_keras_operator.engines.portable.chunked import CHUNK, chunked_wkv
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
 from rwkv6_keras_operator.autodiff import vjp
-from tests.helpers import BF16, FP32_GRAD, FP32_OUT, bf16_round, make_inputs, rel_err
+from tests.helpers import BF16, FP32_GRAD, FP32_OUT, bf16_round, make_inputs, rel_err, rounded
 
 TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16)}
 
@@ -31,7 +31,7 @@ def check_against_oracle(fn, B, T, H, N, decay, dtype, with_s0=True, seed=None):
     x = make_inputs(B, T, H, N, seed, decay=decay, n_state=B)
     feed = {n: (bf16_round(x[n]) if dtype == "bfloat16" else x[n]) for n in "rkvw"}
     rng = np.random.default_rng(seed)
-    dy = rng.standard_normal((B, T, H * N)).astype(np.float32)
+    dy = rounded(rng.standard_normal((B, T, H * N)), dtype)   # the cotangent of y has y's dtype
     dstate = rng.standard_normal((B, H, N, N)).astype(np.float32)
     s0 = x["init_state"] if with_s0 else None
     y_ref, s_ref = wkv_reference(*(feed[n] for n in "rkvw"), x["u"], N, s0)

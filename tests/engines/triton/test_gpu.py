@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
-from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, bf16_round, make_inputs, rel_err
+from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, make_inputs, rel_err, rounded
 
 if BACKEND != "torch":
     pytest.skip(f"the Triton engine runs under the torch backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
@@ -26,13 +26,6 @@ DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.flo
 TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
 
 
-def rounded(x, dtype):
-    if dtype == "bfloat16":
-        return bf16_round(x)
-    if dtype == "float16":
-        return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
-    return x
-
 
 def cuda(x, dtype=torch.float32):
     return torch.tensor(np.asarray(x), device="cuda").to(dtype)
@@ -44,7 +37,7 @@ def operator_check(B, T, H, N, decay, dtype="float32", init=None, init_arg=None,
     x = make_inputs(B, T, H, N, seed, decay=decay)
     x.update({n: rounded(x[n], dtype) for n in "rkvw"})
     rng = np.random.default_rng(seed + 1)
-    dy = rng.standard_normal((B, T, H * N)).astype(np.float32)
+    dy = rounded(rng.standard_normal((B, T, H * N)), dtype)   # the cotangent of y has y's dtype
     dstate = rng.standard_normal((B, H, N, N)).astype(np.float32)
     leaves = [cuda(x[n], DT[dtype]).requires_grad_(True) for n in "rkvw"] + [cuda(x["u"]).requires_grad_(True)]
     if init is not None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
-from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, bf16_round, make_inputs, rel_err
+from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, bf16_round, make_inputs, rel_err, rounded
 
 if BACKEND != "torch":
     pytest.skip(f"the Triton engine runs under the torch backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
@@ -60,7 +60,7 @@ def check(B, T, H, N, decay, dtype="float32", n_state=None, state_map=None, with
         x.update({n: bf16_round(x[n]) if dtype == "bfloat16" else x[n].astype(np.float16).astype(np.float32)
                   for n in "rkvw"})
     rng = np.random.default_rng(seed + 1)
-    dy = rng.standard_normal((B, T, H * N)).astype(np.float32)
+    dy = rounded(rng.standard_normal((B, T, H * N)), dtype)   # the cotangent of y has y's dtype
     dstate = rng.standard_normal((B, H, N, N)).astype(np.float32) if with_dstate else None
     init = x.get("init_state")
     y, state, grads = run(x, dtype, init, state_map, dy, dstate)
