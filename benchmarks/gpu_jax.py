@@ -44,23 +44,17 @@ DEFAULTS = {"chunk": pallas.CHUNK, "low_precision": pallas.LOW_PRECISION, **core
 # Configurations timed at the training shape (fwd and fwd+bwd); each changes the defaults above.
 VARIANT_CONFIGS = {
     "default": {},
-    "bf16-products": {"low_precision": "bf16"},
-    "chunk64": {"chunk": 64},
-    "chunk64-bf16": {"chunk": 64, "low_precision": "bf16"},
-    "warps4": {"output_warps": 4, "grads_warps": 4},
+    "tf32-products": {"low_precision": "tf32"},           # 16-bit inputs' products before the H200 sweep
+    "warps8": {"output_warps": 8, "grads_warps": 8},
+    "scan16": {"scan_block": 16, "scan_warps": 2},
     "chunk16": {"chunk": 16},
-    "scan32": {"scan_block": 32},
-    "bf16-pieces2": {"low_precision": "bf16", "decay_pieces_16bit": 2},
-    "bf16-pieces2-warps4": {"low_precision": "bf16", "decay_pieces_16bit": 2, "output_warps": 4, "grads_warps": 4},
-    "bf16-pieces2-chunk16": {"low_precision": "bf16", "decay_pieces_16bit": 2, "chunk": 16},
-    "bf16-pieces2-out4": {"low_precision": "bf16", "decay_pieces_16bit": 2, "output_warps": 4},
-    "bf16-pieces2-scan32": {"low_precision": "bf16", "decay_pieces_16bit": 2, "scan_block": 32, "scan_warps": 4},
+    "chunk64": {"chunk": 64},
     # decode (timed at the decode shape): value columns per step-by-step program; 64 = whole 256-byte state rows
     "decode32": {"recurrent_block": 32},
     "decode64": {"recurrent_block": 64},
     "decode64-warps4": {"recurrent_block": 64, "recurrent_warps": 4},
 }
-DEFAULT_VARIANTS = "bf16-products,chunk64,chunk64-bf16"
+DEFAULT_VARIANTS = "tf32-products,warps8"
 RESULTS = {"date": time.strftime("%Y-%m-%d"), "check": [], "ours": {}, "variants": {}, "kernels": {}, "peers": {},
            "errors": []}
 T0 = time.time()
@@ -266,55 +260,45 @@ def kernels():
 
 
 # ------------------------------------------------------------------------------------------------------ peers
+def run_peer(name, argv, env):
+    """One peer in its own process, with PEER_TIMEOUT cut to what is left of BUDGET; its output goes to
+    peer_NAME.log. Returns its output folder, where what it measured stays also after a timeout."""
+    out = os.path.join(OUT, f"peer_{name}")
+    os.makedirs(out, exist_ok=True)
+    limit = max(10, min(int(os.environ.get("PEER_TIMEOUT", "420")), left() - 20))
+    log(f"peer {name} in a subprocess, timeout {limit:.0f}s")
+    try:
+        proc = subprocess.run(argv, env={**env, "OUT": out}, capture_output=True, text=True, timeout=limit)
+        with open(os.path.join(OUT, f"peer_{name}.log"), "w") as f:
+            f.write(proc.stdout[-20000:] + "\n---- stderr\n" + proc.stderr[-20000:])
+    except subprocess.TimeoutExpired:
+        RESULTS["errors"].append({"what": f"peer {name}", "err": f"timeout after {limit:.0f}s"})
+    return out
+
+
 @guarded("peers")
 def peers(which, shapes):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = env.get("PEER_PYTHONPATH", env.get("PYTHONPATH", ""))
-    def timeout():   # each peer gets PEER_TIMEOUT, cut to what is left of BUDGET (a peer stopped keeps its numbers)
-        return max(10, min(int(os.environ.get("PEER_TIMEOUT", "420")), left() - 20))
-
-    script = os.path.join(ROOT, ".gpukit", "peers", "peer_bench.py")
-    peer_shapes = ",".join(PEER_SHAPES[s] for s in shapes if s != "decode")
     if "triton" in which:   # this project's torch engine, same run: the 1.3x goal is relative to it
-        out = os.path.join(OUT, "peer_triton")
-        os.makedirs(out, exist_ok=True)
-        log(f"peer triton (this project's torch engine) in a subprocess, timeout {timeout():.0f}s")
+        out = run_peer("triton", [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_torch.py")],
+                       {**os.environ, "PEERS": "", "SKIP_CHECK": "1", "KERNELS": "1", "KERAS_BACKEND": "torch",
+                        "VARIANTS": os.environ.get("TRITON_VARIANTS", ""), "SHAPES": ",".join(shapes)})
         try:
-            proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_torch.py")],
-                                  env={**os.environ, "PEERS": "", "SKIP_CHECK": "1", "KERNELS": "1",
-                                       "VARIANTS": os.environ.get("TRITON_VARIANTS", ""),
-                                       "SHAPES": ",".join(shapes),
-                                       "OUT": out, "KERAS_BACKEND": "torch"},
-                                  capture_output=True, text=True, timeout=timeout())
-            with open(os.path.join(OUT, "peer_triton.log"), "w") as f:
-                f.write(proc.stdout[-20000:] + "\n---- stderr\n" + proc.stderr[-20000:])
             with open(os.path.join(out, "gpu_torch.json")) as f:
                 RESULTS["peers"]["triton"] = json.load(f)["ours"]
             log(f"  {RESULTS['peers']['triton']}")
-        except Exception as e:  # noqa: BLE001 (reported in the table, the other peers still run)
+        except (OSError, KeyError, ValueError) as e:   # reported in the table; the other peers still run
             RESULTS["errors"].append({"what": "peer triton", "err": repr(e)[:600]})
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PEER_PYTHONPATH", os.environ.get("PYTHONPATH", "")),
+           "SKIP_ACC": "1", "SHAPES": ",".join(PEER_SHAPES[s] for s in shapes if s != "decode"),
+           # XLA's pool would leave the peer's own CUDA allocations no room (rwkv-ops at the long shape: OOM)
+           "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    script = os.path.join(ROOT, ".gpukit", "peers", "peer_bench.py")
     for peer, part in (("rwkv_ops", "jax"), ("fla", "torch")):
         if peer not in which:
             continue
-        out = os.path.join(OUT, f"peer_{peer}")
-        os.makedirs(out, exist_ok=True)
-        limit = timeout()
-        log(f"peer {peer} ({part}) in a subprocess, timeout {limit:.0f}s")
-        try:
-            proc = subprocess.run([sys.executable, script, part], env={**env, "PEERS": peer, "SKIP_ACC": "1",
-                                                                        # XLA's pool would leave the peer's own
-                                                                        # CUDA allocations no room (long: OOM)
-                                                                        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-                                                                        "SHAPES": peer_shapes, "OUT": out},
-                                  capture_output=True, text=True, timeout=limit)
-            with open(os.path.join(OUT, f"peer_{peer}.log"), "w") as f:
-                f.write(proc.stdout[-20000:] + "\n---- stderr\n" + proc.stderr[-20000:])
-        except subprocess.TimeoutExpired:
-            RESULTS["errors"].append({"what": f"peer {peer}", "err": f"timeout after {limit:.0f}s"})
-        lines = []
-        path = os.path.join(out, "peer_results.jsonl")
-        if os.path.exists(path):
-            lines = [json.loads(line) for line in open(path)]
+        path = os.path.join(run_peer(peer, [sys.executable, script, part], {**env, "PEERS": peer}),
+                            "peer_results.jsonl")
+        lines = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
         RESULTS["peers"][peer] = [x for x in lines if x.get("kind") in ("speed", "ceiling", "env", "error", "fatal")]
         for x in RESULTS["peers"][peer]:
             if x.get("kind") == "speed":

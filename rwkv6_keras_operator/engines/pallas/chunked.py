@@ -38,7 +38,7 @@ def load_keys(ref_key, w_ref, b, h, rows, valid, cols, L, prec, r_ref=None):
     key = core.load(ref_key.at[b, rows, h, cols], valid)
     g = jnp.where(valid, core.log_decay(core.load(w_ref.at[b, rows, h, cols], valid)), 0.0)
     r = key if r_ref is None else core.load(r_ref.at[b, rows, h, cols], valid)
-    return ChunkKeys(r, key, g, L, core.decay_pieces(prec))
+    return ChunkKeys(r, key, g, L, core.pieces(prec))
 
 
 # --------------------------------------------------------------------------------------------------------

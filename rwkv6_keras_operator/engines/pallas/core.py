@@ -48,7 +48,7 @@ def interpret():
 # and spill reports of the compiled kernels, see benchmarks/notes_pallas.md).
 # Measured on an H200 (benchmarks/RESULTS.md): at the training shape, bf16, 4 warps for `output` and `grads`
 # (instead of 8) and 32 value columns a scan program (instead of 16, 2 warps) took fwd 3.49 -> 2.36 ms and
-# fwd+bwd 7.5 -> 5.9 ms together with the bf16 products and 2 decay pieces below.
+# fwd+bwd 7.5 -> 5.9 ms together with the bf16 products and 16-bit decay sums (pieces()).
 TUNING = {
     "terms_warps": 4,
     "output_warps": 4,       # N <= 64 and 16-bit inputs; else at least 8 (see warps())
@@ -57,7 +57,6 @@ TUNING = {
     "scan_block": 32,        # value columns per scan program
     "recurrent_block": 16,   # value columns per step-by-step program
     "recurrent_warps": 2,
-    "decay_pieces_16bit": 2,  # bfloat16 pieces of g in the decay sums for 16-bit inputs (core.decay_pieces)
 }
 
 
@@ -164,16 +163,11 @@ def split3(x, pieces=3):
 
 
 def pieces(prec):
-    """Pieces of split3 for the gradient sums of dg: all 24 bits for float32 inputs, 16 for 16-bit inputs (whose
-    gradients carry 8 to 11 bits). Decay factors always use all 24 bits."""
+    """Pieces of split3 for the masked sums (the decay sums of g, and the gradient sums of dg): all 24 bits for
+    float32 inputs; 16 bits for 16-bit inputs, whose gradients carry 8 to 11 bits, and for whose decays 16 bits of g
+    mean a relative error of at most 2^-17 |sum g| in a factor exp(sum g) (below 3e-4 for every factor above e^-30,
+    against the 2^-9 of bfloat16 inputs; docs/math.md, rule 3)."""
     return 3 if prec in ("tf32x3", "ieee") else 2
-
-
-def decay_pieces(prec):
-    """Pieces of split3 for g in the decay sums: all 24 bits for float32 inputs; for 16-bit inputs
-    TUNING["decay_pieces_16bit"] (2 = 16 bits: a relative error of 2^-17 |sum g| in a factor exp(sum g), ~1e-5 for
-    the factors that matter, against the 2^-9 of the inputs themselves)."""
-    return 3 if prec in ("tf32x3", "ieee") else TUNING["decay_pieces_16bit"]
 
 
 def masked_sum(mask, parts):

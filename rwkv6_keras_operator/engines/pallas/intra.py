@@ -23,7 +23,7 @@ class ChunkKeys:
 
     def __init__(self, r, k, g, L, pieces=3):
         self.r, self.k, self.g, self.L = r, k, g, L
-        self.parts = core.split3(g, pieces)   # bits of g the decay sums use: core.decay_pieces
+        self.parts = core.split3(g, pieces)   # bits of g the decay sums use: core.pieces
 
     def level(self, shift):
         """exp(pre_h), exp(suf_h) for h = 2**shift >= 2: (L, BK) tiles."""
