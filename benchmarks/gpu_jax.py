@@ -182,7 +182,9 @@ def speed(name, B, T, H, N, grad=True):
 
         @jax.jit
         def many(r, k, v, w, u, s0):   # the device's time a step: 100 steps, the state carried, one program
-            return jax.lax.fori_loop(0, steps, lambda i, s: op(r, k, v, w, u, with_state=True, init_state=s)[1], s0)
+            # unrolled: a rolled loop on the GPU would add the loop's own control work to every step
+            return jax.lax.fori_loop(0, steps, lambda i, s: op(r, k, v, w, u, with_state=True, init_state=s)[1], s0,
+                                     unroll=True)
 
         return {"fwd_ms": timeit_stream(f, r, k, v, w, u, s0), "method": "mean of 200 streamed calls",
                 "in_one_program_ms": timeit(many, r, k, v, w, u, s0) / steps}

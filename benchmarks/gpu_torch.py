@@ -126,32 +126,34 @@ def time_ours(name, B, T, H, N, kernels, variants):
 
 
 VARIANT_CONFIGS = {  # module: configs to try (the first is the default); see each module's *_config/scan_tiles
-    "scan": [None, (16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 3), (16, 16, 2, 3)],
-    "forward": [None, (64, 8, False), (64, 8, True), (64, 4, True)],
-    "backward": [None, (16, 1), (4, 1)],
+    "scan": [None, (16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 3)],
+    "forward": [None, (64, 8)],
+    "backward": [None, (8, 1)],
 }
+CHUNK_VARIANTS = [(32, 32), (128, 32), (64, 16)]   # (binding.CHUNK, binding.SUB) besides the default
 
 
 def time_kernels(r, k, v, w, u, dy, variants):
-    """Each launch alone (same inputs), to see where the time goes; with variants also other launch settings."""
+    """Each launch alone (same inputs), to see where the time goes; with variants also other launch settings,
+    and the whole fwd / fwd+bwd with other chunk and sub-block lengths."""
     from rwkv6_keras_operator.engines.triton import backward, forward, scan
     from rwkv6_keras_operator.engines.triton.backward import launch_backward
+    from rwkv6_keras_operator.engines.triton.common import precisions
     from rwkv6_keras_operator.engines.triton.forward import launch_forward
     from rwkv6_keras_operator.engines.triton.scan import launch_scan
 
     B, T, H, N = r.shape
-    L, C, prec = binding.CHUNK, binding.SUB, "tf32"
+    L, C, p = binding.CHUNK, binding.SUB, precisions("bfloat16")
     NC = -(-T // L)
     y, state, states = binding.forward_impl(r, k, v, w, u, None)
-    scratch = torch.empty(r.shape, dtype=torch.float32, device="cuda")
     dstates = torch.empty((B, H, NC, N, N), device="cuda")
     grads = [torch.empty_like(r) for _ in range(4)]
     du = torch.empty((B * NC, H, N), device="cuda")
     runs = {
-        "scan": lambda: (launch_scan(k, v, w, None, state, states, False, prec, L),
-                         launch_scan(r, dy, w, None, None, dstates, True, prec, L)),
-        "forward": lambda: launch_forward(r, k, v, w, u, None, states, y, scratch, prec, L, C),
-        "backward": lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads, du, scratch, prec, L, C),
+        "scan": lambda: (launch_scan(k, v, w, None, state, states, False, p.SPREC, L),
+                         launch_scan(r, dy, w, None, None, dstates, True, p.SPREC, L)),
+        "forward": lambda: launch_forward(r, k, v, w, u, None, states, y, p, L, C),
+        "backward": lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads, du, p, L, C),
     }
     out = {}
     few = B * H * 4 < 512
@@ -166,6 +168,20 @@ def time_kernels(r, k, v, w, u, dy, variants):
             except Exception as e:  # noqa: BLE001 (a setting that does not fit is reported, not fatal)
                 out[f"{name}{cfg}_error"] = repr(e)[:120]
             module.TUNE.clear()
+    ts = [a.clone().requires_grad_(True) for a in (r, k, v, w, u)]
+
+    def fb():
+        y, _ = wkv(*ts, None)
+        y.backward(dy)
+
+    for L2, C2 in CHUNK_VARIANTS if variants else []:
+        binding.CHUNK, binding.SUB = L2, C2
+        try:
+            out[f"chunk{L2}/{C2}_fwd_ms"] = bench(lambda: wkv(r, k, v, w, u, None))
+            out[f"chunk{L2}/{C2}_fwd_bwd_ms"] = bench(fb, grad_to_none=ts)
+        except Exception as e:  # noqa: BLE001
+            out[f"chunk{L2}/{C2}_error"] = repr(e)[:120]
+        binding.CHUNK, binding.SUB = L, C
     log("kernels " + " ".join(f"{n}={t:.3f}" if isinstance(t, float) else f"{n}={t}" for n, t in out.items()))
     return out
 

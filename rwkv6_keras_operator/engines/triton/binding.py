@@ -14,17 +14,18 @@ import torch
 from torch import Tensor
 
 from .backward import launch_backward
+from .common import precisions
 from .forward import launch_forward
 from .recurrent import launch_step
 from .scan import launch_scan
 
 CHUNK = 64     # L: tokens per chunk (one stored state each)
-SUB = 16       # C: rows per sub-block (the tensor-core tile height)
+SUB = 32       # C: rows per sub-block (one binary tree of levels; levels.py)
 
 
-def _precision(dtype):
-    # float32 inputs: 3xTF32 products (float32-exact); 16-bit inputs: TF32 products of float32 operands.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+def _precisions(x):
+    """common.Precisions for x's dtype; CPU tensors run under the Triton interpreter."""
+    return precisions(str(x.dtype).replace("torch.", ""), compiled=x.is_cuda)
 
 
 def _n_chunks(T):
@@ -55,10 +56,9 @@ def forward_impl(r, k, v, w, u, s0):
         if T == 1:
             launch_step(r, k, v, w, u, s0, y, state)
         else:
-            prec = _precision(r.dtype)
-            launch_scan(k, v, w, s0, state, states, False, prec, CHUNK)
-            scratch = torch.empty(r.shape, dtype=torch.float32, device=r.device)   # the decays, float32
-            launch_forward(r, k, v, w, u, s0, states, y, scratch, prec, CHUNK, SUB)
+            p = _precisions(r)
+            launch_scan(k, v, w, s0, state, states, False, p.SPREC, CHUNK)
+            launch_forward(r, k, v, w, u, s0, states, y, p, CHUNK, SUB)
     return y, state, states
 
 
@@ -75,11 +75,10 @@ def backward_impl(r, k, v, w, u, s0, states, dy, dstate):
     ds0 = torch.empty((B, H, N, N) if s0 is not None else (0,), dtype=torch.float32, device=dev)
     dr, dk, dv, dw = (torch.empty(r.shape, dtype=r.dtype, device=dev) for _ in range(4))
     du_part = torch.empty((B * NC, H, N), dtype=torch.float32, device=dev)
-    prec = _precision(r.dtype)
+    p = _precisions(r)
     with _device(r):
-        launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, prec, CHUNK)
-        scratch = torch.empty(r.shape, dtype=torch.float32, device=dev)      # the decays, float32
-        launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, scratch, prec, CHUNK, SUB)
+        launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, p.SPREC, CHUNK)
+        launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, p, CHUNK, SUB)
     return dr, dk, dv, dw, du_part.sum(0), ds0
 
 

@@ -11,12 +11,55 @@ Exactness (docs/math.md): every decay factor is exp(sum of g over a contiguous r
 Exclusive prefix / suffix sums come from loading g shifted by one row (the row before / after), not from
 subtracting g from an inclusive sum (that cancels when one g is huge, e.g. -1e26).
 """
+from typing import NamedTuple
+
 import triton
 import triton.language as tl
 
 # exp(-exp(60)) is exactly 0.0 in float32, as is the true decay of any larger w: the clamp changes no value and
 # keeps g = -exp(w) finite (docs/math.md rule 4; engines/portable/chunked.py: W_MAX).
 W_MAX = tl.constexpr(60.0)
+
+
+class Precisions(NamedTuple):
+    """How the kernels multiply, for one input dtype (docs/math.md, rule 3):
+
+    PREC       products inside a chunk: "bf16" rounds the operands to bfloat16 (bfloat16 inputs), "tf32"
+               (float16 inputs: bfloat16 would drop 3 of their bits), "tf32x3" (float32 inputs: float32-exact);
+    SPREC      products with a state or its gradient: never below tf32 (a state may grow past float16's range
+               and carries the whole past);
+    MASK_PREC  the masked sums of levels.py (exact in bfloat16: 0/1 times bfloat16 pieces);
+    PIECES     bfloat16 pieces of g and of the gradient sums: 3 (all 24 bits) for float32 inputs, 2 (16 bits)
+               for 16-bit inputs, whose own values carry 8 to 11.
+    """
+    PREC: str
+    SPREC: str
+    MASK_PREC: str
+    PIECES: int
+
+    def kernel_args(self):
+        return self._asdict()
+
+
+def precisions(dtype, compiled=True):
+    """Precisions for inputs of `dtype` ("float32", "bfloat16", "float16"). Under the Triton interpreter
+    (compiled=False) every product is an IEEE float32 product: its bfloat16 tl.dot is unreliable, and the values
+    of the pieces are bfloat16 either way."""
+    pieces = 3 if dtype == "float32" else 2
+    if not compiled:
+        return Precisions("ieee", "ieee", "ieee", pieces)
+    prec = {"float32": "tf32x3", "bfloat16": "bf16", "float16": "tf32"}[dtype]
+    return Precisions(prec, "tf32x3" if dtype == "float32" else "tf32", "bf16", pieces)
+
+
+@triton.jit
+def mm(a, b, PREC: tl.constexpr):
+    """a @ b in float32. PREC: "bf16" (operands rounded to bfloat16: the tensor cores' fastest mode), or a
+    tl.dot input_precision for float32 operands ("tf32", "tf32x3" = float32-exact, "ieee")."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -74,25 +117,6 @@ def g_vec(w_ptr, base, t, T, cols, stride_t):
     ok = (cols * 0 + t) < T
     w = tl.load((w_ptr + base) + (t * stride_t + cols), mask=ok, other=0.0)
     return tl.where(ok, log_decay(w), 0.0)
-
-
-@triton.jit
-def block_decays(w_ptr, base, t0, T, cols, stride_t, C: tl.constexpr):
-    """For the C rows t0 .. t0+C-1 (one sub-block), per key channel:
-
-        E[t]  = sum_{t0 <= m < t} g_m        (exclusive prefix: pre_t = exp(E[t]))
-        F[s]  = sum_{s < m < t0+C} g_m       (exclusive suffix: suf_s = exp(F[s]))
-        tot   = sum_{t0 <= m < t0+C} g_m     (the whole sub-block: exp(tot))
-
-    each a direct sum over its own range (all <= 0). Rows at or past T have g = 0 (decay 1).
-    """
-    idx = tl.arange(0, C)
-    rows = t0 + idx
-    E = tl.cumsum(g_rows(w_ptr, base, rows - 1, idx > 0, T, cols, stride_t), 0)
-    g_next = g_rows(w_ptr, base, rows + 1, idx < C - 1, T, cols, stride_t)
-    F = tl.cumsum(g_next, 0, reverse=True)
-    tot = tl.sum(g_next, 0) + g_vec(w_ptr, base, t0, T, cols, stride_t)
-    return E, F, tot
 
 
 @triton.jit

@@ -116,17 +116,6 @@ def test_extreme_decays():
     assert np.all(grads[3][w.reshape(grads[3].shape) > 30] == 0.0), "dw must be 0 where the decay is 0"
 
 
-def test_tree_pairs_in_forward():
-    """The forward's alternative for the pairs inside a sub-block (tree.py, on the tensor cores)."""
-    from rwkv6_keras_operator.engines.triton import forward
-
-    forward.TUNE[32] = (32, 4, True)
-    try:
-        check(2, 70, 1, 32, "masks", n_state=2)
-    finally:
-        forward.TUNE.clear()
-
-
 def test_bfloat16_inputs():
     check(1, 40, 1, 16, "strong", dtype="bfloat16", n_state=1)
 

@@ -1,0 +1,131 @@
+"""The pairs inside one sub-block of C = 2^LOG_C rows, by the binary tree of levels on the tensor cores
+(docs/math.md, "The binary tree inside a chunk").
+
+At level h = 2^shift (shift = 0 .. LOG_C - 1) every block of 2h rows is an upper half U and a lower half D; each
+pair (t in D, s in U) belongs to exactly one level and is split at the boundary between the halves:
+
+    W[t, s] = prod_{s<m<t} d_m = exp(pre_h[t]) * exp(suf_h[s])
+    pre_h[t] = sum of g over t's own h-block before t,      suf_h[s] = sum of g over s's own h-block after s
+
+so a level's pairs are one masked product (r * exp(pre_h)) (k * exp(suf_h))^T (at h = 1 the halves are neighbours
+and W = 1). Every sum of g is a direct sum over exactly its range, so every exponent is <= 0 (rule 1): the
+product of a 0/1 mask with g cut into bfloat16 pieces (`split`, `masked_sum`), each product exact, the sum
+float32. Masks are [row, column] over the C rows of the sub-block.
+"""
+import triton
+import triton.language as tl
+
+from .common import mm
+
+
+@triton.jit
+def split(x, PIECES: tl.constexpr):
+    """hi, mid, lo: float32 tiles of bfloat16 values with hi + mid + lo = x to 24 bits (PIECES = 3) or 16 bits
+    (PIECES = 2: lo = 0)."""
+    hi = x.to(tl.bfloat16).to(tl.float32)
+    rest = x - hi
+    mid = rest.to(tl.bfloat16).to(tl.float32)
+    if PIECES == 3:
+        lo = (rest - mid).to(tl.bfloat16).to(tl.float32)
+    else:
+        lo = tl.zeros_like(x)
+    return hi, mid, lo
+
+
+@triton.jit
+def masked_sum(mask, hi, mid, lo, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """sum_m mask[t, m] x[m, :] for a 0/1 mask and x = hi + mid + lo: every product is exact (0 or 1 times a
+    bfloat16 value), so this is the float32 sum of exactly the selected terms, smallest piece first."""
+    m = mask.to(tl.float32)
+    if PIECES == 3:
+        out = mm(m, lo, MASK_PREC) + mm(m, mid, MASK_PREC)
+    else:
+        out = mm(m, mid, MASK_PREC)
+    return out + mm(m, hi, MASK_PREC)
+
+
+@triton.jit
+def before(C: tl.constexpr, shift):
+    """[t, m]: m comes before t inside t's block of 2^shift rows (shift = LOG_C: the whole sub-block)."""
+    t = tl.arange(0, C)[:, None]
+    m = tl.arange(0, C)[None, :]
+    return (m < t) & ((t >> shift) == (m >> shift))
+
+
+@triton.jit
+def after(C: tl.constexpr, shift):
+    """[t, m]: m comes after t inside t's block of 2^shift rows."""
+    t = tl.arange(0, C)[:, None]
+    m = tl.arange(0, C)[None, :]
+    return (m > t) & ((t >> shift) == (m >> shift))
+
+
+@triton.jit
+def pairs(C: tl.constexpr, shift):
+    """[t, s]: the pairs of level 2^shift: t in the lower, s in the upper half of one block of 2^(shift+1) rows."""
+    t = tl.arange(0, C)[:, None]
+    s = tl.arange(0, C)[None, :]
+    return ((t >> (shift + 1)) == (s >> (shift + 1))) & ((t >> shift) != (s >> shift)) & (t > s)
+
+
+@triton.jit
+def spans(C: tl.constexpr, shift):
+    """[m, q]: the level-2^shift term of row q holds d_m: q a later member t of a pair (lower half) and m before
+    it in the same half, or q an earlier member s (upper half) and m after it in the same half."""
+    m = tl.arange(0, C)[:, None]
+    q = tl.arange(0, C)[None, :]
+    lower = ((q >> shift) & 1) == 1
+    return ((m >> shift) == (q >> shift)) & tl.where(lower, q > m, q < m)
+
+
+@triton.jit
+def level_decays(hi, mid, lo, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """exp(pre_h), exp(suf_h) for h = 2^shift (C x N, every factor <= 1); shift = LOG_C gives the sub-block's
+    pre_t = prod_{m<t} d_m and suf_s = prod_{m>s} d_m."""
+    pre = tl.exp(masked_sum(before(C, shift), hi, mid, lo, PIECES, MASK_PREC))
+    suf = tl.exp(masked_sum(after(C, shift), hi, mid, lo, PIECES, MASK_PREC))
+    return pre, suf
+
+
+@triton.jit
+def pair_scores(r, k, hi, mid, lo, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
+                PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """A[t, s] = sum_i r_t[i] k_s[i] W[t, s, i] for s < t, 0 on and above the diagonal (C x C)."""
+    A = tl.where(pairs(C, 0), mm(r, tl.trans(k), PREC), 0.0)
+    for shift in tl.static_range(1, LOG_C):
+        pre, suf = level_decays(hi, mid, lo, shift, C, PIECES, MASK_PREC)
+        A += tl.where(pairs(C, shift), mm(r * pre, tl.trans(k * suf), PREC), 0.0)
+    return A
+
+
+@triton.jit
+def pair_grads(r, k, dA, hi, mid, lo, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
+               PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """The pairs' parts of the backward, level by level, with dA[t, s] = dy_t . v_s:
+
+        A[t, s]            (for dv; as pair_scores)
+        DR[t] = sum_{s<t} dA[t, s] k_s W[t, s],     DK[s] = sum_{t>s} dA[t, s] r_t W[t, s]
+        DG[m] = sum over levels h of the level's terms r_t DR^h[t] (t > m) and k_s DK^h[s] (s < m) that span m
+
+    Every pair's term enters DG only at the rows m it really spans (mask `spans`), so nothing cancels."""
+    p = pairs(C, 0)
+    dA_h = tl.where(p, dA, 0.0)
+    A = tl.where(p, mm(r, tl.trans(k), PREC), 0.0)
+    DR = mm(dA_h, k, PREC)                        # h = 1: W = 1, no row in between (nothing for DG)
+    DK = mm(tl.trans(dA_h), r, PREC)
+    DG = tl.zeros_like(r)
+    for shift in range(1, LOG_C):
+        p = pairs(C, shift)
+        dA_h = tl.where(p, dA, 0.0)
+        pre, suf = level_decays(hi, mid, lo, shift, C, PIECES, MASK_PREC)
+        rq = r * pre
+        kq = k * suf
+        A += tl.where(p, mm(rq, tl.trans(kq), PREC), 0.0)
+        part_r = mm(dA_h, kq, PREC) * pre
+        part_k = mm(tl.trans(dA_h), rq, PREC) * suf
+        # r * part_r lives on the lower halves, k * part_k on the upper halves: one masked sum takes both
+        xh, xm, xl = split(r * part_r + k * part_k, PIECES)
+        DG += masked_sum(spans(C, shift), xh, xm, xl, PIECES, MASK_PREC)
+        DR += part_r
+        DK += part_k
+    return A, DR, DK, DG
