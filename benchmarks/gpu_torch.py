@@ -128,9 +128,10 @@ def time_ours(name, B, T, H, N, kernels, variants):
 VARIANT_CONFIGS = {  # module: configs to try (the first is the default); see each module's *_config/scan_tiles
     "scan": [None, (16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 3)],
     "forward": [None, (64, 8)],
-    "backward": [None, (8, 1)],
+    "backward": [None, (4, 1), (16, 1)],
 }
-CHUNK_VARIANTS = [(32, 32), (128, 32), (64, 16)]   # (binding.CHUNK, binding.SUB) besides the default
+CHUNK_VARIANTS = [  # (binding.CHUNK, binding.SUB, forward warps, backward warps) besides the defaults
+    (32, 32, 4, 4), (32, 32, 8, 8), (64, 32, 4, 8), (64, 16, 4, 8), (64, 16, 4, 4), (32, 16, 4, 8), (128, 32, 4, 8)]
 
 
 def time_kernels(r, k, v, w, u, dy, variants):
@@ -148,7 +149,7 @@ def time_kernels(r, k, v, w, u, dy, variants):
     y, state, states = binding.forward_impl(r, k, v, w, u, None)
     dstates = torch.empty((B, H, NC, N, N), device="cuda")
     grads = [torch.empty_like(r) for _ in range(4)]
-    du = torch.empty((B * NC, H, N), device="cuda")
+    du = torch.empty((B, H, NC * (L // C), N), device="cuda")
     runs = {
         "scan": lambda: (launch_scan(k, v, w, None, state, states, False, p.SPREC, L),
                          launch_scan(r, dy, w, None, None, dstates, True, p.SPREC, L)),
@@ -174,14 +175,18 @@ def time_kernels(r, k, v, w, u, dy, variants):
         y, _ = wkv(*ts, None)
         y.backward(dy)
 
-    for L2, C2 in CHUNK_VARIANTS if variants else []:
+    for L2, C2, fw, bw in CHUNK_VARIANTS if variants else []:
         binding.CHUNK, binding.SUB = L2, C2
+        forward.TUNE[N], backward.TUNE[N] = (N, fw), (bw, 1)
+        tag = f"chunk{L2}/{C2}/w{fw},{bw}"
         try:
-            out[f"chunk{L2}/{C2}_fwd_ms"] = bench(lambda: wkv(r, k, v, w, u, None))
-            out[f"chunk{L2}/{C2}_fwd_bwd_ms"] = bench(fb, grad_to_none=ts)
+            out[f"{tag}_fwd_ms"] = bench(lambda: wkv(r, k, v, w, u, None))
+            out[f"{tag}_fwd_bwd_ms"] = bench(fb, grad_to_none=ts)
         except Exception as e:  # noqa: BLE001
-            out[f"chunk{L2}/{C2}_error"] = repr(e)[:120]
+            out[f"{tag}_error"] = repr(e)[:120]
         binding.CHUNK, binding.SUB = L, C
+        forward.TUNE.clear()
+        backward.TUNE.clear()
     log("kernels " + " ".join(f"{n}={t:.3f}" if isinstance(t, float) else f"{n}={t}" for n, t in out.items()))
     return out
 

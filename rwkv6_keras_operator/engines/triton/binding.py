@@ -19,7 +19,7 @@ from .forward import launch_forward
 from .recurrent import launch_step
 from .scan import launch_scan
 
-CHUNK = 64     # L: tokens per chunk (one stored state each)
+CHUNK = 32     # L: tokens per chunk (one stored state each)
 SUB = 32       # C: rows per sub-block (one binary tree of levels; levels.py)
 
 
@@ -74,12 +74,12 @@ def backward_impl(r, k, v, w, u, s0, states, dy, dstate):
     dstates = torch.empty((B, H, NC, N, N), dtype=torch.float32, device=dev)
     ds0 = torch.empty((B, H, N, N) if s0 is not None else (0,), dtype=torch.float32, device=dev)
     dr, dk, dv, dw = (torch.empty(r.shape, dtype=r.dtype, device=dev) for _ in range(4))
-    du_part = torch.empty((B * NC, H, N), dtype=torch.float32, device=dev)
+    du_part = torch.empty((B, H, NC * (CHUNK // SUB), N), dtype=torch.float32, device=dev)   # one row a program
     p = _precisions(r)
     with _device(r):
         launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, p.SPREC, CHUNK)
         launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, p, CHUNK, SUB)
-    return dr, dk, dv, dw, du_part.sum(0), ds0
+    return dr, dk, dv, dw, du_part.sum((0, 2)), ds0
 
 
 @torch.library.custom_op("rwkv6_triton::forward", mutates_args=())

@@ -1,22 +1,42 @@
 """The chunked forward output (docs/math.md, "Chunks" and "Sub-blocks").
 
-One program per (batch row, head, chunk of L tokens, block of BV value channels). It starts from the chunk's
-start state S (written by the scan) and walks the chunk as L / C sub-blocks of C rows, carrying the state from
-one sub-block to the next in registers. For a sub-block J with start state S_J, pre_t = prod_{t0<=m<t} d_m,
-suf_s = prod_{s<m<=t1} d_m and tot = prod over the sub-block:
+One program per (batch row, head, sub-block J of C rows of a chunk of L tokens, block of BV value channels). The
+scan stores the state at each chunk's start; a program moves it to its own sub-block's start S_J through the
+sub-blocks before it (L / C - 1 at most), then, with pre_t = prod_{t0<=m<t} d_m inside the sub-block:
 
-    y_t   = sum_{s<t in J} A[t, s] v_s  +  (r_t . u k_t) v_t  +  (r_t * pre_t) . S_J
-    S_J+1 = diag(tot) S_J  +  sum_{s in J} (k_s * suf_s) v_s^T
+    y_t = sum_{s<t in J} A[t, s] v_s  +  (r_t . u k_t) v_t  +  (r_t * pre_t) . S_J
+    S_{J+1} = diag(tot_J) S_J + sum_{s in J} (k_s * suf_s) v_s^T          (suf_s = prod_{s<m<=t1} d_m)
 
 with A[t, s] = sum_i r_t[i] k_s[i] prod_{s<m<t} d_m[i] from the binary tree of levels (levels.py): all of it
 matrix products on the tensor cores, every decay factor exp of a direct sum of g (<= 0). Splitting at the
-sub-block boundary is rule 2 of docs/math.md with the state as the carrier.
+sub-block boundary is rule 2 of docs/math.md with the state as the carrier. The state is loaded last, so that it
+does not hold registers while the pairs are built.
 """
 import triton
 import triton.language as tl
 
 from .common import chunk_start_state, g_rows, head_base, load_rows, mm, row_base, store_rows
-from .levels import level_decays, pair_scores, split
+from .levels import exp_after, exp_before, pair_scores
+
+
+@triton.jit
+def sub_block(pid, NC, L: tl.constexpr, C: tl.constexpr):
+    """Program id -> (bh, chunk c, sub-block J): the sub-blocks of one chunk are neighbours."""
+    J = pid % (L // C)
+    c = (pid // (L // C)) % NC
+    return pid // (NC * (L // C)), c, J
+
+
+@triton.jit
+def advance(S, k_ptr, v_ptr, w_ptr, base, t0, T, stride_t, cols, jv, C: tl.constexpr, LOG_C: tl.constexpr,
+            SPREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """The state after the sub-block t0 .. t0+C-1 from the state S before it: diag(tot) S + (k * suf)^T v."""
+    idx = tl.arange(0, C)
+    rows = t0 + idx
+    g = g_rows(w_ptr, base, rows, idx >= 0, T, cols, stride_t)
+    kq = load_rows(k_ptr, base, rows, T, cols, stride_t) * exp_after(g, LOG_C, C, PIECES, MASK_PREC)
+    v = load_rows(v_ptr, base, rows, T, jv, stride_t)
+    return tl.exp(tl.sum(g, 0))[:, None] * S + mm(tl.trans(kq), v, SPREC)
 
 
 @triton.jit
@@ -24,31 +44,29 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
                    T, H, NC, stride_t, has_s0,
                    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
                    PREC: tl.constexpr, SPREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    c = pid % NC
-    bh = pid // NC
+    bh, c, J = sub_block(tl.program_id(0), NC, L, C)
     b = bh // H
     h = bh % H
     base = row_base(head_base(b, h, T, stride_t, N), c * L, stride_t)   # the chunk's first row
     T = T - c * L                                                          # rows from there on
     cols = tl.arange(0, N)
     jv = tl.program_id(1) * BV + tl.arange(0, BV)
-    u = tl.load(u_ptr + h * N + cols)
-    S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, jv, N)     # (N, BV)
     idx = tl.arange(0, C)
-    for J in range(L // C):
-        rows = J * C + idx
-        r = load_rows(r_ptr, base, rows, T, cols, stride_t)
-        k = load_rows(k_ptr, base, rows, T, cols, stride_t)
-        v = load_rows(v_ptr, base, rows, T, jv, stride_t)
-        g = g_rows(w_ptr, base, rows, idx >= 0, T, cols, stride_t)          # 0 past T: decay 1
-        hi, mid, lo = split(g, PIECES)
-        A = pair_scores(r, k, hi, mid, lo, C, LOG_C, PREC, PIECES, MASK_PREC)
-        pre, suf = level_decays(hi, mid, lo, LOG_C, C, PIECES, MASK_PREC)
-        y = mm(A, v, PREC) + tl.sum(r * u[None, :] * k, 1)[:, None] * v   # the pairs, and the bonus
-        y += mm(r * pre, S, SPREC)                                          # through the state
-        store_rows(y_ptr, base, rows, T, jv, stride_t, y)
-        S = tl.exp(tl.sum(g, 0))[:, None] * S + mm(tl.trans(k * suf), v, SPREC)
+    rows = J * C + idx
+    r = load_rows(r_ptr, base, rows, T, cols, stride_t)
+    k = load_rows(k_ptr, base, rows, T, cols, stride_t)
+    g = g_rows(w_ptr, base, rows, idx >= 0, T, cols, stride_t)          # 0 past T: decay 1
+    A = pair_scores(r, k, g, C, LOG_C, PREC, PIECES, MASK_PREC)
+    u = tl.load(u_ptr + h * N + cols)
+    bonus = tl.sum(r * u[None, :] * k, 1)
+    rq = r * exp_before(g, LOG_C, C, PIECES, MASK_PREC)
+    v = load_rows(v_ptr, base, rows, T, jv, stride_t)
+    y = mm(A, v, PREC) + bonus[:, None] * v                             # the pairs, and the bonus
+    S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, jv, N)     # (N, BV)
+    for jj in range(J):
+        S = advance(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, jv, C, LOG_C, SPREC, PIECES, MASK_PREC)
+    y += mm(rq, S, SPREC)                                                # through the state
+    store_rows(y_ptr, base, rows, T, jv, stride_t, y)
 
 
 # Launch settings, by head size; the benchmark may override them (benchmarks/gpu_torch.py, VARIANTS=1).
@@ -65,7 +83,7 @@ def launch_forward(r, k, v, w, u, s0, states, y, precisions, L, C):
     B, T, H, N = r.shape
     NC = -(-T // L)
     BV, warps = forward_config(N)
-    grid = (B * H * NC, N // BV)
+    grid = (B * H * NC * (L // C), N // BV)
     forward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, y,
                          T, H, NC, H * N, int(s0 is not None),
                          N=N, BV=BV, L=L, C=C, LOG_C=C.bit_length() - 1, **precisions.kernel_args(),

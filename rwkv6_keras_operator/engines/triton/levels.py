@@ -33,9 +33,10 @@ def split(x, PIECES: tl.constexpr):
 
 
 @triton.jit
-def masked_sum(mask, hi, mid, lo, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
-    """sum_m mask[t, m] x[m, :] for a 0/1 mask and x = hi + mid + lo: every product is exact (0 or 1 times a
-    bfloat16 value), so this is the float32 sum of exactly the selected terms, smallest piece first."""
+def masked_sum(mask, x, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """sum_m mask[t, m] x[m, :] for a 0/1 mask, with x = hi + mid + lo (split): every product is exact (0 or 1
+    times a bfloat16 value), so this is the float32 sum of exactly the selected terms, smallest piece first."""
+    hi, mid, lo = split(x, PIECES)
     m = mask.to(tl.float32)
     if PIECES == 3:
         out = mm(m, lo, MASK_PREC) + mm(m, mid, MASK_PREC)
@@ -79,27 +80,35 @@ def spans(C: tl.constexpr, shift):
 
 
 @triton.jit
-def level_decays(hi, mid, lo, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+def level_decays(g, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """exp(pre_h), exp(suf_h) for h = 2^shift (C x N, every factor <= 1); shift = LOG_C gives the sub-block's
     pre_t = prod_{m<t} d_m and suf_s = prod_{m>s} d_m."""
-    pre = tl.exp(masked_sum(before(C, shift), hi, mid, lo, PIECES, MASK_PREC))
-    suf = tl.exp(masked_sum(after(C, shift), hi, mid, lo, PIECES, MASK_PREC))
-    return pre, suf
+    return exp_before(g, shift, C, PIECES, MASK_PREC), exp_after(g, shift, C, PIECES, MASK_PREC)
 
 
 @triton.jit
-def pair_scores(r, k, hi, mid, lo, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
+def exp_before(g, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    return tl.exp(masked_sum(before(C, shift), g, PIECES, MASK_PREC))
+
+
+@triton.jit
+def exp_after(g, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    return tl.exp(masked_sum(after(C, shift), g, PIECES, MASK_PREC))
+
+
+@triton.jit
+def pair_scores(r, k, g, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
                 PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """A[t, s] = sum_i r_t[i] k_s[i] W[t, s, i] for s < t, 0 on and above the diagonal (C x C)."""
     A = tl.where(pairs(C, 0), mm(r, tl.trans(k), PREC), 0.0)
     for shift in tl.static_range(1, LOG_C):
-        pre, suf = level_decays(hi, mid, lo, shift, C, PIECES, MASK_PREC)
+        pre, suf = level_decays(g, shift, C, PIECES, MASK_PREC)
         A += tl.where(pairs(C, shift), mm(r * pre, tl.trans(k * suf), PREC), 0.0)
     return A
 
 
 @triton.jit
-def pair_grads(r, k, dA, hi, mid, lo, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
+def pair_grads(r, k, dA, g, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
                PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """The pairs' parts of the backward, level by level, with dA[t, s] = dy_t . v_s:
 
@@ -117,15 +126,14 @@ def pair_grads(r, k, dA, hi, mid, lo, C: tl.constexpr, LOG_C: tl.constexpr, PREC
     for shift in range(1, LOG_C):
         p = pairs(C, shift)
         dA_h = tl.where(p, dA, 0.0)
-        pre, suf = level_decays(hi, mid, lo, shift, C, PIECES, MASK_PREC)
+        pre, suf = level_decays(g, shift, C, PIECES, MASK_PREC)
         rq = r * pre
         kq = k * suf
         A += tl.where(p, mm(rq, tl.trans(kq), PREC), 0.0)
         part_r = mm(dA_h, kq, PREC) * pre
         part_k = mm(tl.trans(dA_h), rq, PREC) * suf
         # r * part_r lives on the lower halves, k * part_k on the upper halves: one masked sum takes both
-        xh, xm, xl = split(r * part_r + k * part_k, PIECES)
-        DG += masked_sum(spans(C, shift), xh, xm, xl, PIECES, MASK_PREC)
+        DG += masked_sum(spans(C, shift), r * part_r + k * part_k, PIECES, MASK_PREC)
         DR += part_r
         DK += part_k
     return A, DR, DK, DG
