@@ -50,7 +50,7 @@ VARIANT_CONFIGS = {
     "chunk16": {"chunk": 16},
     "chunk64": {"chunk": 64},
     # decode (timed at the decode shape): value columns per step-by-step program; 64 = whole 256-byte state rows
-    "decode32": {"recurrent_block": 32},
+    "decode16": {"recurrent_block": 16},
     "decode64": {"recurrent_block": 64},
     "decode64-warps4": {"recurrent_block": 64, "recurrent_warps": 4},
 }

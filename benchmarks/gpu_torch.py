@@ -126,12 +126,12 @@ def time_ours(name, B, T, H, N, kernels, variants):
 
 
 VARIANT_CONFIGS = {  # module: configs to try (the first is the default); see each module's *_config/scan_tiles
-    "scan": [None, (16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 3)],
-    "forward": [None, (64, 8)],
-    "backward": [None, (4, 1), (16, 1)],
+    "scan": [None, (16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 2), (16, 32, 4, 2)],
+    "forward": [None, (32, 4), (64, 2)],
+    "backward": [None, (4, 2), (2, 1), (8, 1)],
 }
 CHUNK_VARIANTS = [  # (binding.CHUNK, binding.SUB, forward warps, backward warps) besides the defaults
-    (32, 32, 4, 4), (32, 32, 8, 8), (64, 32, 4, 8), (64, 16, 4, 8), (64, 16, 4, 4), (32, 16, 4, 8), (128, 32, 4, 8)]
+    (64, 32, 4, 4), (128, 32, 4, 4), (32, 16, 4, 4)]
 
 
 def time_kernels(r, k, v, w, u, dy, variants):

@@ -55,7 +55,7 @@ TUNING = {
     "grads_warps": 4,        # idem
     "scan_warps": 4,
     "scan_block": 32,        # value columns per scan program
-    "recurrent_block": 16,   # value columns per step-by-step program
+    "recurrent_block": 32,   # value columns per step-by-step program
     "recurrent_warps": 2,
 }
 

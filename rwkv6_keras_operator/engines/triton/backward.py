@@ -101,8 +101,8 @@ TUNE = {}
 
 
 def backward_config(N):
-    """(num_warps, num_stages): 8 warps keep the 32-row sub-block's tiles in registers (4 warps spill)."""
-    return TUNE.get(N, (8, 1))
+    """(num_warps, num_stages). H200, training shape, bf16: 4 warps 2.96 ms, 8 warps 4.16, 16 warps 7.57."""
+    return TUNE.get(N, (4, 1) if N <= 64 else (8, 1))
 
 
 def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, L, C):
