@@ -8,7 +8,18 @@ Backward: dS_{c-1} = diag(tot_c) dS_c + sum_{t in c} (r_t * pre_t) dy_t^T, from 
 Both are the same update, S <- diag(exp(tot)) S + (a * exp(D))^T b, with (a, b, D) = (k, v, suffix sums) forward
 and (r, dy, prefix sums) backward. Every (i, j) entry of S evolves on its own, so a program owns a BK x BV tile of
 one head's state and walks the chunks in order: the sequential part is one small matrix product per chunk.
+
+Few heads and long sequences leave few programs with long chains; then the chunks are cut into G segments scanned
+at once, each from zero (`state_scan_kernel`), and the update being linear, the true states follow:
+
+    start of segment g:  S^g = diag(exp(log_g-1)) S^(g-1) + E_(g-1)      (`combine_kernel`, G steps; S^0 = s0)
+    state after chunk c: S = local_c + diag(exp(cum_c)) S^g              (`fixup_kernel`)
+
+with E_g the segment's own end state, log_g the direct sum of its chunks' tot and cum_c the direct sum of the tot
+of the segment's chunks up to c (backward: the gradient at the end of chunk c, the chunks after c): sums of g <= 0, so
+every factor is <= 1 (rule 1), and nothing is subtracted.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -16,11 +27,12 @@ from .common import g_rows, g_vec, head_base, load_rows, row_base
 
 
 @triton.jit
-def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr,
-                      T, H, NC, stride_t, has_init,
-                      N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_ptr, seg_log_ptr, cum_ptr,
+                      T, H, NC, SEG, stride_t, has_init,
+                      N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, G: tl.constexpr,
                       REVERSE: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0) // G
+    seg = tl.program_id(0) % G            # segment of chunks [seg * SEG, (seg + 1) * SEG)
     b = bh // H
     h = bh % H
     head = head_base(b, h, T, stride_t, N)
@@ -28,14 +40,23 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr,
     jv = tl.program_id(2) * BV + tl.arange(0, BV)   # value channels
     idx = tl.arange(0, L)
     soffs = ik[:, None] * N + jv[None, :]
-    S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs, mask=soffs < has_init * N * N, other=0.0).to(tl.float32)
-    for step in range(NC):
+    if G == 1:
+        S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs, mask=soffs < has_init * N * N,
+                    other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)    # each segment from zero; combine_kernel adds the rest
+    log = tl.zeros([BK], dtype=tl.float32)          # sum of tot over the segment's chunks so far
+    first = seg * SEG
+    count = tl.minimum(SEG, NC - first)
+    for step in range(count):
         if REVERSE:
-            c = NC - 1 - step
+            c = first + count - 1 - step
             # gradient w.r.t. the state at the end of chunk c
             tl.store(chunks_ptr + (bh.to(tl.int64) * NC + c) * N * N + soffs, S)
         else:
-            c = step
+            c = first + step
+        if REVERSE and G > 1:   # the decay from the end of chunk c to the end of the segment
+            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + ik, log, mask=(ik * 0 + tl.program_id(2)) == 0)
         base = row_base(head, c * L, stride_t)                 # chunk c's first row; rows relative to it
         Tc = T - c * L
         rows = idx
@@ -53,15 +74,59 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr,
             tot = tl.sum(g_next, 0) + g_vec(w_ptr, base, 0, Tc, ik, stride_t)
         aq = a * tl.exp(D)
         S = tl.exp(tot)[:, None] * S + tl.dot(tl.trans(aq), bm, input_precision=PREC)
+        log += tot
+        if not REVERSE and G > 1:   # the decay from the start of the segment to the end of chunk c
+            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + ik, log, mask=(ik * 0 + tl.program_id(2)) == 0)
         if not REVERSE:
             # state at the start of chunk c + 1 (none stored after the last chunk: that is the final state)
             tl.store(chunks_ptr + (bh.to(tl.int64) * (NC - 1) + c) * N * N + soffs, S,
                      mask=(soffs * 0 + c) < NC - 1)
+    if G == 1:
+        if STORE_OUT:
+            tl.store(out_ptr + bh.to(tl.int64) * N * N + soffs, S)
+    else:
+        tl.store(seg_ptr + (bh.to(tl.int64) * G + seg) * N * N + soffs, S)
+        tl.store(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + ik, log, mask=(ik * 0 + tl.program_id(2)) == 0)
+
+
+@triton.jit
+def combine_kernel(init_ptr, out_ptr, seg_ptr, seg_log_ptr, has_init,
+                   N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, G: tl.constexpr,
+                   REVERSE: tl.constexpr, STORE_OUT: tl.constexpr):
+    """seg[g] <- the true state at the start of segment g (backward: the gradient at its end), in place of its
+    own end state E_g; out <- the final state (backward: the gradient of s0)."""
+    bh = tl.program_id(0)
+    ik = tl.program_id(1) * BK + tl.arange(0, BK)
+    jv = tl.program_id(2) * BV + tl.arange(0, BV)
+    soffs = ik[:, None] * N + jv[None, :]
+    S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs, mask=soffs < has_init * N * N, other=0.0).to(tl.float32)
+    for i in range(G):
+        seg = G - 1 - i if REVERSE else i
+        offs = (bh.to(tl.int64) * G + seg) * N * N + soffs
+        E = tl.load(seg_ptr + offs)
+        tl.store(seg_ptr + offs, S)
+        S = tl.exp(tl.load(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + ik))[:, None] * S + E
     if STORE_OUT:
         tl.store(out_ptr + bh.to(tl.int64) * N * N + soffs, S)
 
 
-# Launch settings override (benchmarks/gpu_torch.py, VARIANTS=1): {"many": (BK, BV, warps, stages), "few": ...}
+@triton.jit
+def fixup_kernel(chunks_ptr, seg_ptr, cum_ptr, NC, M, SEG, N: tl.constexpr, G: tl.constexpr):
+    """Stored state c += diag(exp(cum_c)) (true state of c's segment): one program per stored state. Stored state c
+    is the one at the end of chunk c (the start of chunk c + 1 forward: M = NC - 1 of them; backward M = NC)."""
+    pid = tl.program_id(0)
+    bh = pid // M
+    c = pid % M
+    i = tl.arange(0, N)
+    square = i[:, None] * N + i[None, :]
+    offs = pid.to(tl.int64) * N * N + square
+    start = tl.load(seg_ptr + (bh.to(tl.int64) * G + c // SEG) * N * N + square)
+    decay = tl.exp(tl.load(cum_ptr + (bh.to(tl.int64) * NC + c) * N + i))
+    tl.store(chunks_ptr + offs, tl.load(chunks_ptr + offs) + decay[:, None] * start)
+
+
+# Launch settings override (benchmarks/gpu_torch.py, VARIANTS=1): {"many": (BK, BV, warps, stages), "few": ...,
+# "segments": G}
 TUNE = {}
 
 
@@ -76,16 +141,40 @@ def scan_tiles(N, BH):
     return TUNE.get("many" if many else "few", (BK, min(BV, 64), 4, 3))
 
 
+def segments(NC, programs):
+    """G: segments scanned at once, so that about 2048 programs run, each over at least 32 chunks."""
+    if "segments" in TUNE:
+        return max(1, min(TUNE["segments"], NC))
+    return max(1, min(2048 // programs, NC // 32))
+
+
 def launch_scan(a, b, w, init, out, chunks, reverse, prec, L):
     """a, b, w: (B, T, H, N); init: (B, H, N, N) float32 or None; out: (B, H, N, N) or None (not stored);
     chunks: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward."""
     B, T, H, N = a.shape
     NC = -(-T // L)
     BK, BV, warps, stages = scan_tiles(N, B * H)
-    grid = (B * H, N // BK, N // BV)
+    tiles = (N // BK, N // BV)
+    G = segments(NC, B * H * tiles[0] * tiles[1])
+    SEG = -(-NC // G)
+    G = -(-NC // SEG)
     dummy = chunks if chunks.numel() else a
-    state_scan_kernel[grid](
-        a, b, w, init if init is not None else dummy, out if out is not None else dummy, chunks,
-        T, H, NC, H * N, int(init is not None),
-        N=N, L=L, BK=BK, BV=BV, REVERSE=reverse, STORE_OUT=out is not None, PREC=prec, num_warps=warps,
+    seg = seg_log = cum = dummy
+    if G > 1:
+        seg = torch.empty((B, H, G, N, N), dtype=torch.float32, device=a.device)
+        seg_log = torch.empty((B, H, G, N), dtype=torch.float32, device=a.device)
+        cum = torch.empty((B, H, NC, N), dtype=torch.float32, device=a.device)
+    init_arg = init if init is not None else dummy
+    out_arg = out if out is not None else dummy
+    state_scan_kernel[(B * H * G,) + tiles](
+        a, b, w, init_arg, out_arg, chunks, seg, seg_log, cum,
+        T, H, NC, SEG, H * N, int(init is not None),
+        N=N, L=L, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None, PREC=prec, num_warps=warps,
         num_stages=stages)
+    if G > 1:
+        combine_kernel[(B * H,) + tiles](init_arg, out_arg, seg, seg_log, int(init is not None),
+                                         N=N, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None,
+                                         num_warps=warps)
+        if chunks.numel():
+            M = NC if reverse else NC - 1
+            fixup_kernel[(B * H * M,)](chunks, seg, cum, NC, M, SEG, N=N, G=G, num_warps=4)
