@@ -104,10 +104,6 @@ def time_ours(name, B, T, H, N, kernels, variants):
         res["graph_fwd_ms"] = bench(g.replay)
         return res
     res["fwd_ms"] = bench(lambda: wkv(r, k, v, w, u, None))
-    for G in (1, 2, 4, 8, 16) if variants else []:   # the scan cut into G segments
-        scan.TUNE["segments"] = G
-        out[f"scan_segments{G}_ms"] = bench(runs["scan"])
-        scan.TUNE.clear()
     ts = [a.clone().requires_grad_(True) for a in (r, k, v, w, u)]
 
     def fb():
