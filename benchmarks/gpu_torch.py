@@ -126,7 +126,7 @@ def time_ours(name, B, T, H, N, kernels, variants):
 
 
 VARIANT_CONFIGS = {  # module: configs to try (the first is the default); see each module's *_config/scan_tiles
-    "scan": [None, (16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 2), (16, 32, 4, 2)],
+    "scan": [None, (16, 64, 4, 3), (32, 64, 4, 2), (16, 32, 4, 3)],
     "forward": [None, (32, 4), (64, 2)],
     "backward": [None, (4, 2), (2, 1), (8, 1)],
 }
@@ -157,7 +157,7 @@ def time_kernels(r, k, v, w, u, dy, variants):
         "backward": lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads, du, p, L, C),
     }
     out = {}
-    few = B * H * 4 < 512
+    few = B * H * max(N // 16, 1) < 512
     for name, module in (("scan", scan), ("forward", forward), ("backward", backward)):
         for cfg in VARIANT_CONFIGS[name] if variants else [None]:
             key = ("few" if few else "many") if name == "scan" else N
