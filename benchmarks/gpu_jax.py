@@ -49,6 +49,11 @@ VARIANT_CONFIGS = {
     "scan16": {"scan_block": 16, "scan_warps": 2},
     "chunk16": {"chunk": 16},
     "chunk64": {"chunk": 64},
+    # the scan over chunks: state terms built in parallel then scanned, or built as the scan goes (scan.states);
+    # "shape" times a variant at another shape than the training one
+    "terms-then-scan": {"fused_min_programs": 1 << 30},
+    "fused-long": {"fused_min_programs": 0, "shape": "long"},
+    "fused-long-keys16": {"fused_min_programs": 0, "fused_keys": 16, "shape": "long"},
     # decode (timed at the decode shape): value columns per step-by-step program; 64 = whole 256-byte state rows
     "decode16": {"recurrent_block": 16},
     "decode64": {"recurrent_block": 64},
@@ -220,7 +225,7 @@ def variants(names):
         configure(cfg)
         try:
             log(f"variant {name} {cfg}")
-            shape = "decode" if "recurrent_block" in cfg else "train"
+            shape = cfg.get("shape", "decode" if "recurrent_block" in cfg else "train")
             RESULTS["variants"][name] = {"config": cfg, "shape": shape, **speed(shape, *SHAPES[shape])}
             if shape == "train":   # the same configuration against the oracle (the check runs chunked)
                 check(dtypes=("bfloat16", "float16"), tag=name)

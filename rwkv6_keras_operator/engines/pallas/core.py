@@ -55,6 +55,10 @@ TUNING = {
     "grads_warps": 4,        # idem
     "scan_warps": 4,
     "scan_block": 32,        # value columns per scan program
+    "fused_keys": 64,        # the fused scan (scan.states): key rows of S per program,
+    "fused_block": 32,       # value columns per program,
+    "fused_warps": 4,
+    "fused_min_programs": 512,   # fewer programs than this: state terms in parallel, then the plain scan
     "recurrent_block": 32,   # value columns per step-by-step program
     "recurrent_warps": 2,
 }

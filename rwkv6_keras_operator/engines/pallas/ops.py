@@ -20,14 +20,12 @@ STATES = "b h c n m"
 
 
 def _forward(r, k, v, w, u, s0, *, L, prec):
-    X, a = chunked.state_terms(k, v, w, L=L, prec=prec)
-    starts, last = scan.scan(X, a, s0)
+    starts, last = scan.states(k, v, w, s0, L=L, prec=prec)
     return chunked.output(r, k, v, w, u, starts, L=L, prec=prec), last, starts
 
 
 def _backward(r, k, v, w, u, starts, dy, dsT, *, L, prec):
-    Q, a = chunked.state_terms(r, dy, w, L=L, prec=prec, reverse=True)
-    dends, ds0 = scan.scan(Q, a, dsT, reverse=True)
+    dends, ds0 = scan.states(r, dy, w, dsT, L=L, prec=prec, reverse=True)
     dr, dk, dv, dw, du = grads.grads(r, k, v, w, u, dy, starts, dends, L=L, prec=prec)
     return dr, dk, dv, dw, du.sum(axis=2), ds0
 

@@ -5,8 +5,13 @@
 
 a_c (a column over keys) scales the rows of S. Forward, out[c] is the state at the start of chunk c and the
 final S the state after the last step; backward, out[c] is the gradient of the state at the end of chunk c
-and the final S the gradient of s0. One program per (value block, head, row) carries an N x BV block of S in
-registers through the chunks; the loads of X_c and a_c do not depend on S, so they pipeline.
+and the final S the gradient of s0. `states` picks one of two ways:
+
+    many programs (rows x heads x state blocks >= TUNING["fused_min_programs"]): one kernel that builds X_c and
+        a_c from the chunk's own rows as it goes (chunked.ChunkKeys), so X never goes through memory;
+    few programs (long sequences, few rows): chunked.state_terms builds every X_c at once (in parallel over
+        chunks), then `scan` carries S through them; its loads do not depend on S, so they pipeline, and the
+        sequential steps stay short.
 """
 import functools
 
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import core
+from .chunked import blocks, load_keys, state_terms
 
 
 def _scan_kernel(x_ref, a_ref, s0_ref, out_ref, last_ref, *, nc, BV, reverse):
@@ -42,3 +48,40 @@ def scan(X, a, s0, *, reverse=False):
         out_shape=(jax.ShapeDtypeStruct(X.shape, jnp.float32),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(X, a, s0)
+
+
+def _fused_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, L, nc, N, BK, BV, prec, reverse):
+    j, h, b = core.program_id(0), core.program_id(1), core.program_id(2)
+    kcols = core.ds((j // (N // BV)) * BK, BK)
+    vcols = core.ds((j % (N // BV)) * BV, BV)
+
+    def step(i, S):
+        c = nc - 1 - i if reverse else i
+        rows = core.ds(c * L, L)
+        valid = ((c * L + jnp.arange(L)) < T)[:, None]
+        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, prec)
+        kq = kb.k * (kb.chunk_pre() if reverse else kb.chunk_suf())
+        val = core.load(val_ref.at[b, rows, h, vcols], valid)
+        core.store(out_ref.at[b, h, c, kcols, vcols], S)
+        return kb.chunk_tot()[0][:, None] * S + core.mm(kq, val, core.state_prec(prec), ta=True)
+
+    S = lax.fori_loop(0, nc, step, core.load(s0_ref.at[b, h, kcols, vcols]))
+    core.store(last_ref.at[b, h, kcols, vcols], S)
+
+
+def states(key, val, w, s0, *, L, prec, reverse=False):
+    """out (B, H, nc, N, N) and the final (B, H, N, N), float32, of the scan whose X_c = sum over the chunk's rows
+    of (key * decay) val^T (decay: to the chunk's end forward, from its start backward) and a_c = exp(tot_c)."""
+    B, T, H, N = key.shape
+    nc = -(-T // L)
+    BK, BV = blocks(N, core.TUNING["fused_keys"])[0], min(core.TUNING["fused_block"], N)
+    if B * H * (N // BK) * (N // BV) < core.TUNING["fused_min_programs"]:
+        X, a = state_terms(key, val, w, L=L, prec=prec, reverse=reverse)
+        return scan(X, a, s0, reverse=reverse)
+    kernel = functools.partial(_fused_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, prec=prec, reverse=reverse)
+    return core.call(
+        kernel, grid=((N // BK) * (N // BV), H, B), num_warps=core.TUNING["fused_warps"], num_stages=2,
+        name="wkv6_state_scan",
+        out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
+    )(key, val, w, s0)

@@ -87,6 +87,21 @@ def test_head_sizes(N):
     check(1, 24, 2, N, "strong", seed=N)
 
 
+@pytest.mark.parametrize("N", [16, 128])
+def test_fused_state_scan(N):
+    """The scan that builds each chunk's state terms as it goes (chosen for many rows and heads; forced here), with
+    several key and value blocks of the state at N = 128."""
+    default = core.TUNING["fused_min_programs"]
+    core.TUNING["fused_min_programs"] = 0
+    jax.clear_caches()
+    try:
+        check(2, 70, 2, N, "masks", seed=13)
+        check(1, 40, 1, N, "strong", seed=14, with_s0=False)
+    finally:
+        core.TUNING["fused_min_programs"] = default
+        jax.clear_caches()
+
+
 def test_without_start_state():
     check(2, 40, 1, 16, "normal", with_s0=False, seed=5)
 
