@@ -52,6 +52,9 @@ VARIANT_CONFIGS = {
     # the scan over chunks: state terms built in parallel then scanned, or built as the scan goes (scan.states);
     # "shape" times a variant at another shape than the training one
     "terms-then-scan": {"fused_min_programs": 1 << 30},
+    "output-stages1": {"output_stages": 1},
+    "output-stages3": {"output_stages": 3},
+    "output-warps8": {"output_warps": 8},
     "fused-long": {"fused_min_programs": 0, "shape": "long"},
     "fused-long-keys16": {"fused_min_programs": 0, "fused_keys": 16, "shape": "long"},
     # decode (timed at the decode shape): value columns per step-by-step program; 64 = whole 256-byte state rows
@@ -252,8 +255,10 @@ def kernels():
     starts, _ = sweep(X, a, s0)
     out = jax.jit(lambda r, k, v, w, u, S: chunked.output(r, k, v, w, u, S, L=L, prec=prec))
     back = jax.jit(lambda r, k, v, w, u, dy, S, D: grads.grads(r, k, v, w, u, dy, S, D, L=L, prec=prec))
+    states = jax.jit(lambda k, v, w, s0: scan.states(k, v, w, s0, L=L, prec=prec))
     RESULTS["kernels"] = {
         "config": {"chunk": L, "prec": prec, **core.TUNING},
+        "states_ms": timeit(states, x4[1], x4[2], x4[3], s0),   # what the forward runs (scan.states)
         "state_terms_ms": timeit(terms, x4[1], x4[2], x4[3]),
         "scan_ms": timeit(sweep, X, a, s0),
         "output_ms": timeit(out, *x4[:4], ub, starts),

@@ -100,6 +100,7 @@ def output(r, k, v, w, u, starts, *, L, prec):
     nc = -(-T // L)
     kernel = functools.partial(_output_kernel, T=T, L=L, N=N, prec=prec)
     return core.call(
-        kernel, grid=(nc, H, B), num_warps=core.warps("output_warps", N, r.dtype), num_stages=2, name="wkv6_output",
+        kernel, grid=(nc, H, B), num_warps=core.warps("output_warps", N, r.dtype),
+        num_stages=core.TUNING["output_stages"], name="wkv6_output",
         out_shape=jax.ShapeDtypeStruct(r.shape, r.dtype),
     )(r, k, v, w, u, starts)

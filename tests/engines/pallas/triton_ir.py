@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 # kernel: (its entry in core.TUNING for num_warps, or a fixed count; num_stages), as the launchers use them
-LAUNCH = {"wkv6_state_terms": ("terms_warps", 2), "wkv6_output": ("output_warps", 2),
+LAUNCH = {"wkv6_state_terms": ("terms_warps", 2), "wkv6_state_scan": ("fused_warps", 2), "wkv6_output": ("output_warps", 2),
           "wkv6_grads": ("grads_warps", 1), "wkv6_scan": ("scan_warps", 3), "wkv6_recurrent": ("recurrent_warps", 2)}
 
 
