@@ -72,6 +72,22 @@ def test_head_sizes(N, dtype):
     check(2, 200, 2, N, "masks", dtype, seed=N)
 
 
+@pytest.mark.parametrize("N,dtype", [(64, "float32"), (64, "bfloat16"), (128, "bfloat16"), (16, "float16")])
+def test_fused_state_scan(N, dtype):
+    """The scan that builds each chunk's state terms as it goes (taken from 512 programs: many rows and heads;
+    forced here at a small shape), compiled."""
+    from rwkv6_keras_operator.engines.pallas import core
+
+    default = core.TUNING["fused_min_programs"]
+    core.TUNING["fused_min_programs"] = 0
+    jax.clear_caches()
+    try:
+        check(2, 300, 2, N, "masks", dtype, seed=N + 5, n_state=2)
+    finally:
+        core.TUNING["fused_min_programs"] = default
+        jax.clear_caches()
+
+
 def test_state_map_sums_gradients_of_shared_states():
     check(3, 100, 2, 64, "strong", "float32", seed=3, n_state=5, state_map=[4, 0, 4])
 
