@@ -4,7 +4,7 @@ One program per (batch row, head, sub-block J of C rows of a chunk of L tokens).
 start (from the forward's scan) and the gradient of the state at its end dS (from the backward scan). The program
 moves them to its own sub-block, S_J at its start and dE_J at its end (L / C - 1 sub-blocks at most, each way):
 
-    S_{J+1} = diag(tot_J) S_J + sum_{s in J} (k_s * suf_s) v_s^T            (forward.advance)
+    S_{J+1} = diag(tot_J) S_J + sum_{s in J} (k_s * suf_s) v_s^T            (forward.step_over)
     dE_{J-1} = diag(tot_J) dE_J + sum_{t in J} (r_t * pre_t) dy_t^T          (dE_{n-1} = dS)
 
 and with them the gradients of one sub-block are those of a chunk of C tokens (pre, suf, tot inside J):
@@ -31,20 +31,8 @@ import triton
 import triton.language as tl
 
 from .common import chunk_start_state, g_rows, head_base, load_rows, mm, row_base, store_rows
-from .forward import advance, sub_block
+from .forward import step_over, sub_block
 from .levels import after, before, exp_before, exp_after, masked_sum, pair_grads
-
-
-@triton.jit
-def retreat(dE, r_ptr, dy_ptr, w_ptr, base, t0, T, stride_t, cols, C: tl.constexpr, LOG_C: tl.constexpr,
-            SPREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
-    """The gradient of the state before the sub-block t0 .. t0+C-1 from dE after it: diag(tot) dE + (r * pre)^T dy."""
-    idx = tl.arange(0, C)
-    rows = t0 + idx
-    g = g_rows(w_ptr, base, rows, idx >= 0, T, cols, stride_t)
-    rq = load_rows(r_ptr, base, rows, T, cols, stride_t) * exp_before(g, LOG_C, C, PIECES, MASK_PREC)
-    dy = load_rows(dy_ptr, base, rows, T, cols, stride_t)
-    return tl.exp(tl.sum(g, 0))[:, None] * dE + mm(tl.trans(rq), dy, SPREC)
 
 
 @triton.jit
@@ -74,15 +62,16 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)
     S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, cols, N)
     for jj in range(J):
-        S = advance(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, cols, C, LOG_C, SPREC, PIECES, MASK_PREC)
+        S = step_over(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, cols, C, LOG_C, SPREC, PIECES,
+                      MASK_PREC, False)
     x_state = exp_before(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), SPREC)    # pre_t * (S_J dy_t)
     store_rows(dr_ptr, base, rows, T, cols, stride_t, DR + bonus * k + x_state)
     DG += masked_sum(after(C, LOG_C), r * x_state, PIECES, MASK_PREC)      # sum over t > m
     # through the gradient of the state at the sub-block's end: dE_J (suf_s holds d_m for m > s)
     dE = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + cols[:, None] * N + cols[None, :])
     for i in range(L // C - 1 - J):
-        dE = retreat(dE, r_ptr, dy_ptr, w_ptr, base, (L // C - 1 - i) * C, T, stride_t, cols, C, LOG_C, SPREC,
-                     PIECES, MASK_PREC)
+        dE = step_over(dE, r_ptr, dy_ptr, w_ptr, base, (L // C - 1 - i) * C, T, stride_t, cols, cols, C, LOG_C,
+                       SPREC, PIECES, MASK_PREC, True)
     suf = exp_after(g, LOG_C, C, PIECES, MASK_PREC)
     kap = mm(v, tl.trans(dE), SPREC)                                       # dE_J v_s
     kq = k * suf

@@ -1,4 +1,4 @@
-"""Triton helpers shared by the kernels: the log-decay, tile loads, and chunk-local decay sums.
+"""Triton helpers shared by the kernels: products at a precision, the log-decay, tile loads, chunk start states.
 
 Layout: r, k, v, w, y and their gradients are (B, T, H, N), contiguous, so row t of head h of batch row b starts
 at ((b * T + t) * H + h) * N; the token stride is H * N. A kernel adds the int64 offset of its chunk's first row
@@ -7,9 +7,9 @@ int64 scalar, `rows` are chunk-relative and `T` counts the rows left from the ch
 States are (B, H, N, N) float32 (S[i, j]: i the key channel, j the value channel).
 
 Exactness (docs/math.md): every decay factor is exp(sum of g over a contiguous range), the sum taken directly
-(cumsum of the g's of exactly that range, never a difference of running sums), so every exponent is <= 0.
-Exclusive prefix / suffix sums come from loading g shifted by one row (the row before / after), not from
-subtracting g from an inclusive sum (that cancels when one g is huge, e.g. -1e26).
+(never a difference of running sums), so every exponent is <= 0: inside a sub-block as masked products
+(levels.py); in the scan as cumsums of g loaded shifted by one row (the row before / after), not by subtracting
+g from an inclusive sum (that cancels when one g is huge, e.g. -1e26).
 """
 from typing import NamedTuple
 

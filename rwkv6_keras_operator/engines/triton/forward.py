@@ -28,15 +28,23 @@ def sub_block(pid, NC, L: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def advance(S, k_ptr, v_ptr, w_ptr, base, t0, T, stride_t, cols, jv, C: tl.constexpr, LOG_C: tl.constexpr,
-            SPREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
-    """The state after the sub-block t0 .. t0+C-1 from the state S before it: diag(tot) S + (k * suf)^T v."""
+def step_over(S, a_ptr, b_ptr, w_ptr, base, t0, T, stride_t, cols, jv, C: tl.constexpr, LOG_C: tl.constexpr,
+              SPREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr, BACKWARD: tl.constexpr):
+    """S carried over the sub-block t0 .. t0+C-1, the same update both ways (as in scan.py):
+
+        forward  (a, b = k, v):   the state after it from the state S before it:   diag(tot) S + (k * suf)^T v
+        backward (a, b = r, dy):  the gradient before it from the gradient after:  diag(tot) S + (r * pre)^T dy
+    """
     idx = tl.arange(0, C)
     rows = t0 + idx
     g = g_rows(w_ptr, base, rows, idx >= 0, T, cols, stride_t)
-    kq = load_rows(k_ptr, base, rows, T, cols, stride_t) * exp_after(g, LOG_C, C, PIECES, MASK_PREC)
-    v = load_rows(v_ptr, base, rows, T, jv, stride_t)
-    return tl.exp(tl.sum(g, 0))[:, None] * S + mm(tl.trans(kq), v, SPREC)
+    if BACKWARD:
+        decay = exp_before(g, LOG_C, C, PIECES, MASK_PREC)
+    else:
+        decay = exp_after(g, LOG_C, C, PIECES, MASK_PREC)
+    aq = load_rows(a_ptr, base, rows, T, cols, stride_t) * decay
+    b = load_rows(b_ptr, base, rows, T, jv, stride_t)
+    return tl.exp(tl.sum(g, 0))[:, None] * S + mm(tl.trans(aq), b, SPREC)
 
 
 @triton.jit
@@ -64,7 +72,8 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
     y = mm(A, v, PREC) + bonus[:, None] * v                             # the pairs, and the bonus
     S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, jv, N)     # (N, BV)
     for jj in range(J):
-        S = advance(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, jv, C, LOG_C, SPREC, PIECES, MASK_PREC)
+        S = step_over(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, jv, C, LOG_C, SPREC, PIECES,
+                      MASK_PREC, False)
     y += mm(rq, S, SPREC)                                                # through the state
     store_rows(y_ptr, base, rows, T, jv, stride_t, y)
 

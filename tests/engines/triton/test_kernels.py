@@ -75,7 +75,7 @@ def check(B, T, H, N, decay, dtype="float32", n_state=None, state_map=None, with
     return errors
 
 
-# Shapes: T = 80 and 150 span 2 and 3 chunks of 64 with a partial last chunk; T = 64 is one exact chunk.
+# Shapes: T = 80 and 150 span 3 and 5 chunks of 32 with a partial last chunk; T = 64 is two exact chunks.
 @pytest.mark.parametrize("decay,B,T,H,N,n_state,state_map", [
     ("masks", 2, 80, 1, 32, 3, [2, 2]),        # shared start state through state_map: its gradient adds up
     ("strong", 1, 64, 2, 16, None, None),      # one exact chunk, no start state
@@ -128,6 +128,18 @@ def test_segmented_scan(G):
         check(1, 290, 1, 32, "strong", n_state=1)
     finally:
         scan.TUNE.clear()
+
+
+@pytest.mark.parametrize("L,C", [(64, 32), (128, 32), (64, 16)])
+def test_sub_blocks_of_longer_chunks(L, C):
+    """Chunks of several sub-blocks (a benchmark setting): each program carries the chunk's start state forward and
+    the end state's gradient backward to its own sub-block (forward.step_over)."""
+    L0, C0 = binding.CHUNK, binding.SUB
+    binding.CHUNK, binding.SUB = L, C
+    try:
+        check(2, 150, 1, 32, "masks", n_state=2)
+    finally:
+        binding.CHUNK, binding.SUB = L0, C0
 
 
 def test_bfloat16_inputs():
