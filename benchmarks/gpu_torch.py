@@ -157,10 +157,9 @@ def time_kernels(r, k, v, w, u, dy, variants):
         "backward": lambda: launch_backward(r, k, v, w, u, None, states, dstates, dy, *grads, du, p, L, C),
     }
     out = {}
-    few = B * H * max(N // 16, 1) < 512
     for name, module in (("scan", scan), ("forward", forward), ("backward", backward)):
         for cfg in VARIANT_CONFIGS[name] if variants else [None]:
-            key = ("few" if few else "many") if name == "scan" else N
+            key = scan.regime(N, B * H) if name == "scan" else N
             module.TUNE.clear()
             if cfg is not None:
                 module.TUNE[key] = cfg

@@ -49,9 +49,8 @@ def _terms_kernel(key_ref, val_ref, w_ref, x_ref, a_ref, *, T, L, N, prec, rever
     for i in range(n):
         kcols = core.ds(i * size, size)
         kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, prec)
-        decay = kb.chunk_pre() if reverse else kb.chunk_suf()
         core.store(a_ref.at[b, h, c, kcols], kb.chunk_tot()[0])
-        kq = kb.k * decay
+        kq = kb.state_rows(reverse)
         for j in range(n):
             vcols = core.ds(j * size, size)
             val = core.load(val_ref.at[b, rows, h, vcols], valid)

@@ -39,6 +39,11 @@ class ChunkKeys:
         """exp(sum_{m>s} g_m): the decay from just after s to the chunk end."""
         return jnp.exp(core.masked_sum(core.after_mask(self.L, core.log2(self.L)), self.parts))
 
+    def state_rows(self, reverse):
+        """The key rows as they enter the chunk's state term X = (k * decay)^T val: decayed to the chunk's end
+        (forward: chunk_suf), or from its start (backward, key = r: chunk_pre)."""
+        return self.k * (self.chunk_pre() if reverse else self.chunk_suf())
+
     def chunk_tot(self):
         """exp(sum_m g_m) as a (1, BK) row: the decay over the whole chunk."""
         return jnp.exp(jnp.sum(self.g, axis=0, keepdims=True))

@@ -60,10 +60,9 @@ def _fused_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, L, n
         rows = core.ds(c * L, L)
         valid = ((c * L + jnp.arange(L)) < T)[:, None]
         kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, prec)
-        kq = kb.k * (kb.chunk_pre() if reverse else kb.chunk_suf())
         val = core.load(val_ref.at[b, rows, h, vcols], valid)
         core.store(out_ref.at[b, h, c, kcols, vcols], S)
-        return kb.chunk_tot()[0][:, None] * S + core.mm(kq, val, core.state_prec(prec), ta=True)
+        return kb.chunk_tot()[0][:, None] * S + core.mm(kb.state_rows(reverse), val, core.state_prec(prec), ta=True)
 
     S = lax.fori_loop(0, nc, step, core.load(s0_ref.at[b, h, kcols, vcols]))
     core.store(last_ref.at[b, h, kcols, vcols], S)

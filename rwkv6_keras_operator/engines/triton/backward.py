@@ -4,7 +4,7 @@ One program per (batch row, head, sub-block J of C rows of a chunk of L tokens).
 start (from the forward's scan) and the gradient of the state at its end dS (from the backward scan). The program
 moves them to its own sub-block, S_J at its start and dE_J at its end (L / C - 1 sub-blocks at most, each way):
 
-    S_{J+1} = diag(tot_J) S_J + sum_{s in J} (k_s * suf_s) v_s^T            (forward.step_over)
+    S_{J+1} = diag(tot_J) S_J + sum_{s in J} (k_s * suf_s) v_s^T            (forward.sub_block_start)
     dE_{J-1} = diag(tot_J) dE_J + sum_{t in J} (r_t * pre_t) dy_t^T          (dE_{n-1} = dS)
 
 and with them the gradients of one sub-block are those of a chunk of C tokens (pre, suf, tot inside J):
@@ -30,8 +30,8 @@ included), as for the true gradient.
 import triton
 import triton.language as tl
 
-from .common import chunk_start_state, g_rows, head_base, load_rows, mm, row_base, store_rows
-from .forward import step_over, sub_block
+from .common import g_rows, head_base, load_rows, mm, row_base, store_rows
+from .forward import step_over, sub_block, sub_block_start
 from .levels import after, before, exp_before, exp_after, masked_sum, pair_grads
 
 
@@ -60,10 +60,8 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     u = tl.load(u_ptr + h * N + cols)
     bonus = u[None, :] * vdy[:, None]
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)
-    S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, cols, N)
-    for jj in range(J):
-        S = step_over(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, cols, C, LOG_C, SPREC, PIECES,
-                      MASK_PREC, False)
+    S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s0, base, T, stride_t, cols, cols,
+                        N, C, LOG_C, SPREC, PIECES, MASK_PREC)
     x_state = exp_before(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), SPREC)    # pre_t * (S_J dy_t)
     store_rows(dr_ptr, base, rows, T, cols, stride_t, DR + bonus * k + x_state)
     DG += masked_sum(after(C, LOG_C), r * x_state, PIECES, MASK_PREC)      # sum over t > m

@@ -48,6 +48,19 @@ def step_over(S, a_ptr, b_ptr, w_ptr, base, t0, T, stride_t, cols, jv, C: tl.con
 
 
 @triton.jit
+def sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s0, base, T, stride_t, cols, jv,
+                    N: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, SPREC: tl.constexpr,
+                    PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """S_J (N x len(jv)): the state at the start of sub-block J of chunk c, carried from the chunk's start over the
+    sub-blocks before it."""
+    S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, jv, N)
+    for jj in range(J):
+        S = step_over(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, jv, C, LOG_C, SPREC, PIECES,
+                      MASK_PREC, False)
+    return S
+
+
+@triton.jit
 def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
                    T, H, NC, stride_t, has_s0,
                    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
@@ -70,10 +83,8 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
     rq = r * exp_before(g, LOG_C, C, PIECES, MASK_PREC)
     v = load_rows(v_ptr, base, rows, T, jv, stride_t)
     y = mm(A, v, PREC) + bonus[:, None] * v                             # the pairs, and the bonus
-    S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, jv, N)     # (N, BV)
-    for jj in range(J):
-        S = step_over(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, jv, C, LOG_C, SPREC, PIECES,
-                      MASK_PREC, False)
+    S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s0, base, T, stride_t, cols, jv,
+                        N, C, LOG_C, SPREC, PIECES, MASK_PREC)          # (N, BV)
     y += mm(rq, S, SPREC)                                                # through the state
     store_rows(y_ptr, base, rows, T, jv, stride_t, y)
 

@@ -40,6 +40,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
     jv = tl.program_id(2) * BV + tl.arange(0, BV)   # value channels
     idx = tl.arange(0, L)
     soffs = ik[:, None] * N + jv[None, :]
+    per_key = (ik * 0 + tl.program_id(2)) == 0     # per-key sums: written by the first value tile only
     if G == 1:
         S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs, mask=soffs < has_init * N * N,
                     other=0.0).to(tl.float32)
@@ -56,7 +57,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
         else:
             c = first + step
         if REVERSE and G > 1:   # the decay from the end of chunk c to the end of the segment
-            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + ik, log, mask=(ik * 0 + tl.program_id(2)) == 0)
+            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + ik, log, mask=per_key)
         base = row_base(head, c * L, stride_t)                 # chunk c's first row; rows relative to it
         Tc = T - c * L
         rows = idx
@@ -76,7 +77,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
         S = tl.exp(tot)[:, None] * S + tl.dot(tl.trans(aq), bm, input_precision=PREC)
         log += tot
         if not REVERSE and G > 1:   # the decay from the start of the segment to the end of chunk c
-            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + ik, log, mask=(ik * 0 + tl.program_id(2)) == 0)
+            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + ik, log, mask=per_key)
         if not REVERSE:
             # state at the start of chunk c + 1 (none stored after the last chunk: that is the final state)
             tl.store(chunks_ptr + (bh.to(tl.int64) * (NC - 1) + c) * N * N + soffs, S,
@@ -86,7 +87,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
             tl.store(out_ptr + bh.to(tl.int64) * N * N + soffs, S)
     else:
         tl.store(seg_ptr + (bh.to(tl.int64) * G + seg) * N * N + soffs, S)
-        tl.store(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + ik, log, mask=(ik * 0 + tl.program_id(2)) == 0)
+        tl.store(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + ik, log, mask=per_key)
 
 
 @triton.jit
@@ -130,13 +131,17 @@ def fixup_kernel(chunks_ptr, seg_ptr, cum_ptr, NC, M, SEG, N: tl.constexpr, G: t
 TUNE = {}
 
 
+def regime(N, BH):
+    """"many" heads (key blocks of 32) or "few" (blocks of 16; there the segments add the programs)."""
+    return "many" if BH * max(N // 16, 1) >= 512 and N >= 32 else "few"
+
+
 def scan_tiles(N, BH):
-    """(BK, BV, num_warps, num_stages) for the scan: key channels split in blocks of 32 for many heads, 16 for few
-    (there the segments add the programs). H200, bf16, 32-token chunks, both scans: training shape (B*H = 256)
-    32 x 64 tiles 1.02 ms (16 x 64: 1.22); long context (B*H = 32) 16 x 64 tiles in 16 segments 1.07 ms
-    (16 x 32 tiles in one segment: 1.55)."""
-    BK = min(N, 32 if BH * max(N // 16, 1) >= 512 else 16)
-    return TUNE.get("many" if BK == 32 else "few", (BK, min(N, 64), 4, 3))
+    """(BK, BV, num_warps, num_stages) for the scan, by regime(). H200, bf16, 32-token chunks, both scans: training
+    shape (B*H = 256) 32 x 64 tiles 1.02 ms (16 x 64: 1.22); long context (B*H = 32) 16 x 64 tiles in 16 segments
+    1.07 ms (16 x 32 tiles in one segment: 1.55)."""
+    key = regime(N, BH)
+    return TUNE.get(key, (min(N, 32 if key == "many" else 16), min(N, 64), 4, 3))
 
 
 def segments(NC, programs):

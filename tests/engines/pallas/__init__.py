@@ -1,0 +1,19 @@
+import contextlib
+
+
+@contextlib.contextmanager
+def tuning(**settings):
+    """The Pallas engine with some of core.TUNING overridden. Settings are read when a kernel is traced, so jax's
+    caches are dropped on the way in and out."""
+    import jax
+
+    from rwkv6_keras_operator.engines.pallas import core
+
+    saved = {key: core.TUNING[key] for key in settings}
+    core.TUNING.update(settings)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        core.TUNING.update(saved)
+        jax.clear_caches()

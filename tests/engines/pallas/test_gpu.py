@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
+from tests.engines.pallas import tuning
 from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, make_inputs, rel_err, rounded
 
 if BACKEND != "jax":
@@ -76,16 +77,8 @@ def test_head_sizes(N, dtype):
 def test_fused_state_scan(N, dtype):
     """The scan that builds each chunk's state terms as it goes (taken from 512 programs: many rows and heads;
     forced here at a small shape), compiled."""
-    from rwkv6_keras_operator.engines.pallas import core
-
-    default = core.TUNING["fused_min_programs"]
-    core.TUNING["fused_min_programs"] = 0
-    jax.clear_caches()
-    try:
+    with tuning(fused_min_programs=0):
         check(2, 300, 2, N, "masks", dtype, seed=N + 5, n_state=2)
-    finally:
-        core.TUNING["fused_min_programs"] = default
-        jax.clear_caches()
 
 
 def test_state_map_sums_gradients_of_shared_states():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
+from tests.engines.pallas import tuning
 from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, make_inputs, rel_err, rounded
 
 if BACKEND != "jax":
@@ -91,15 +92,9 @@ def test_head_sizes(N):
 def test_fused_state_scan(N):
     """The scan that builds each chunk's state terms as it goes (chosen for many rows and heads; forced here), with
     several key and value blocks of the state at N = 128."""
-    default = core.TUNING["fused_min_programs"]
-    core.TUNING["fused_min_programs"] = 0
-    jax.clear_caches()
-    try:
+    with tuning(fused_min_programs=0):
         check(2, 70, 2, N, "masks", seed=13)
         check(1, 40, 1, N, "strong", seed=14, with_s0=False)
-    finally:
-        core.TUNING["fused_min_programs"] = default
-        jax.clear_caches()
 
 
 def test_without_start_state():
