@@ -126,9 +126,10 @@ def time_ours(name, B, T, H, N, kernels, variants):
 
 
 VARIANT_CONFIGS = {  # module: configs to try (the first is the default); see each module's *_config/scan_tiles
-    "scan": [None, (16, 64, 4, 3), (32, 64, 4, 2), (16, 32, 4, 3)],
-    "forward": [None, (32, 4), (64, 2)],
-    "backward": [None, (4, 2), (2, 1), (8, 1)],
+    "scan": [None, (32, 64, 4, 1), (32, 64, 4, 2), (32, 64, 8, 3), (32, 32, 4, 3)],
+    # forward (BV, warps, maxnreg), backward (warps, stages, maxnreg): maxnreg trades spills for programs an SM
+    "forward": [None, (64, 8), (64, 8, 80), (64, 4, 128), (64, 4, 96)],
+    "backward": [None, (8, 1, 128), (8, 1, 96), (4, 1, 168)],
 }
 CHUNK_VARIANTS = [  # (binding.CHUNK, binding.SUB, forward warps, backward warps) besides the defaults
     (64, 32, 4, 4), (128, 32, 4, 4), (32, 16, 4, 4)]
@@ -178,7 +179,7 @@ def time_kernels(r, k, v, w, u, dy, variants):
         y, _ = wkv(*ts, None)
         y.backward(dy)
 
-    for L2, C2, fw, bw in CHUNK_VARIANTS if variants else []:
+    for L2, C2, fw, bw in CHUNK_VARIANTS if os.environ.get("CHUNK_VARIANTS") == "1" else []:
         binding.CHUNK, binding.SUB = L2, C2
         forward.TUNE[N], backward.TUNE[N] = (N, fw), (bw, 1)
         tag = f"chunk{L2}/{C2}/w{fw},{bw}"

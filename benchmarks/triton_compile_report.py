@@ -3,7 +3,7 @@
 from the GPU machine's (benchmarks/notes_triton.md compares both), but spills and register counts move together.
 
     KERAS_BACKEND=torch python benchmarks/triton_compile_report.py            # N = 64, bf16, the default chunk
-    CHUNKS=32/32,64/32 WARPS=4,8 N=64 DTYPE=bfloat16 python benchmarks/triton_compile_report.py
+    CHUNKS=32/32,64/32 WARPS=4,8 N=64 DTYPE=bfloat16 MAXNREG=128 python benchmarks/triton_compile_report.py
 """
 import os
 import re
@@ -25,7 +25,7 @@ TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SPECIALIZED = ("T", "H", "stride_t")   # the runtime sees them divisible by 16 at the benchmark shapes
 
 
-def compile_report(fn, dtype, constexprs, warps, stages):
+def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
     """(registers, stack bytes, MMA instructions, SASS lines) of fn compiled for sm_90."""
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -40,7 +40,8 @@ def compile_report(fn, dtype, constexprs, warps, stages):
             if name in SPECIALIZED:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages,
+                                                                        **({"maxnreg": maxnreg} if maxnreg else {})})
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -58,6 +59,7 @@ def main():
     chunks = [tuple(map(int, c.split("/"))) for c in os.environ.get(
         "CHUNKS", f"{binding.CHUNK}/{binding.SUB}").split(",")]
     warps_list = [int(w) for w in os.environ.get("WARPS", "4,8").split(",")]
+    maxnreg = int(os.environ["MAXNREG"]) if os.environ.get("MAXNREG") else None
     p = precisions(dtype)._asdict()
     print(f"N={N} {dtype} precisions {p}; triton {triton.__version__}, sm_90")
     for L, C in chunks:
@@ -65,7 +67,7 @@ def main():
         for warps in warps_list:
             for name, fn, extra, stages in (("forward", forward.forward_kernel, {"BV": N}, 2),
                                             ("backward", backward.backward_kernel, {}, 1)):
-                regs, stack, mma, lines = compile_report(fn, dtype, {**common, **extra}, warps, stages)
+                regs, stack, mma, lines = compile_report(fn, dtype, {**common, **extra}, warps, stages, maxnreg)
                 print(f"{name:9s} L={L:<4d} C={C:<3d} warps {warps}: {regs} registers, {stack} B stack, "
                       f"{mma} MMA, {lines} SASS lines", flush=True)
 

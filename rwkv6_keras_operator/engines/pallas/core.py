@@ -152,9 +152,23 @@ def mm(a, b, prec, ta=False, tb=False):
 # --------------------------------------------------------------------------------------------------------
 # Decays (docs/math.md, rules 1-4).
 # --------------------------------------------------------------------------------------------------------
+LOG2E = 1.4426950408889634
+
+
+def exp(x):
+    """exp(x) of a float32 tile. Compiled: one MUFU.EX2 on x * log2(e) (ex2.approx.ftz), the approximation the
+    lowering of jnp.exp also uses, without the rescaling it adds around it for results below 2^-126: those flush to
+    0. Every exp here is a decay factor (exponent <= 0) or the log-decay's exp(w), for which a value below 2^-126 is
+    0 next to the terms it is added to. The interpreter runs no inline assembly: jnp.exp there."""
+    if interpret():
+        return jnp.exp(x)
+    return plgpu.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x * LOG2E], constraints="=f,f", pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, F32)])[0]
+
+
 def log_decay(w):
     """g = -exp(min(w, W_MAX)) <= 0 in float32, finite for every w (w = +100 gives g = -exp(60))."""
-    return -jnp.exp(jnp.minimum(w.astype(F32), W_MAX))
+    return -exp(jnp.minimum(w.astype(F32), W_MAX))
 
 
 def split3(x, pieces=3):
@@ -222,9 +236,21 @@ def pair_mask(L, shift):
     return ((t >> (shift + 1)) == (s >> (shift + 1))) & ((t >> shift) != (s >> shift)) & (t > s)
 
 
+def spanned(q, m, shift):
+    """Position q's level-2**shift factor holds d_m: m in q's own h-block, before q where q lies in a lower half (q
+    is a later member t of a pair: pre_h) and after q where it lies in an upper half (an earlier member s: suf_h)."""
+    lower = ((q >> shift) & 1) == 1
+    return ((m >> shift) == (q >> shift)) & jnp.where(lower, m < q, m > q)
+
+
+def level_mask(L, shift):
+    """[q, m]: the range of g summed into q's level-2**shift factor (intra.ChunkKeys.level)."""
+    q, m = grid2(L)
+    return spanned(q, m, shift)
+
+
 def span_mask(L, shift):
     """[m, q]: for the pairs of level h = 2**shift, q is a position whose term spans m: q after m in a
     lower half (q is the later member t of a pair), or q before m in an upper half (q is the earlier s)."""
     m, q = grid2(L)
-    lower = ((q >> shift) & 1) == 1
-    return ((m >> shift) == (q >> shift)) & jnp.where(lower, q > m, q < m)
+    return spanned(q, m, shift)

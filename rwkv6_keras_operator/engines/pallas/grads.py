@@ -74,11 +74,11 @@ def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
             A, dr, dk, dg = carry
             pairs = core.pair_mask(L, shift)
             dA_lvl = jnp.where(pairs, dA, 0.0)
-            e_pre, e_suf = kb.level(shift)
-            rq, kq = kb.r * e_pre, kb.k * e_suf
+            F = kb.level(shift)                      # pre_h on the rows t, suf_h on the rows s
+            rq, kq = kb.r * F, kb.k * F
             A = A + jnp.where(pairs, core.mm(rq, kq, prec, tb=True), 0.0)
-            part_r = core.mm(dA_lvl, kq, prec) * e_pre
-            part_k = core.mm(dA_lvl, rq, prec, ta=True) * e_suf
+            part_r = core.mm(dA_lvl, kq, prec) * F   # non-zero on lower halves only (rows t)
+            part_k = core.mm(dA_lvl, rq, prec, ta=True) * F   # on upper halves only (rows s)
             # r * part_r lives on lower halves, k * part_k on upper halves: one masked sum takes both.
             dg = dg + core.masked_sum(core.span_mask(L, shift), core.split3(kb.r * part_r + kb.k * part_k, npc))
             return A, dr + part_r, dk + part_k, dg

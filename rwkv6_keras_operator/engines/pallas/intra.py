@@ -9,8 +9,10 @@ to a few ulps (rules 1 and 3):
               W[t, s] = exp(pre_h(t)) * exp(suf_h(s))   for the pairs split at level h (rule 2)
     chunk:    pre(t)   = sum_{m<t} g_m,   suf(s) = sum_{m>s} g_m,   tot = sum_m g_m
 
-The score matrix A[t, s] = sum_i r_t[i] k_s[i] W[t, s, i] (s < t) is the sum over levels of the masked
-products (r * exp(pre_h)) (k * exp(suf_h))^T; the backward uses the same factors transposed.
+A position is the later member t of a level's pairs where it lies in a lower half and the earlier member s where
+it lies in an upper half, never both: one tile F_h holds exp(pre_h) on lower and exp(suf_h) on upper halves. The
+score matrix A[t, s] = sum_i r_t[i] k_s[i] W[t, s, i] (s < t) is the sum over levels of the masked products
+(r * F_h) (k * F_h)^T; the backward uses the same factors transposed.
 """
 from jax import lax
 import jax.numpy as jnp
@@ -26,18 +28,16 @@ class ChunkKeys:
         self.parts = core.split3(g, pieces)   # bits of g the decay sums use: core.pieces
 
     def level(self, shift):
-        """exp(pre_h), exp(suf_h) for h = 2**shift >= 2: (L, BK) tiles."""
-        pre = core.masked_sum(core.before_mask(self.L, shift), self.parts)
-        suf = core.masked_sum(core.after_mask(self.L, shift), self.parts)
-        return jnp.exp(pre), jnp.exp(suf)
+        """F_h for h = 2**shift >= 2 (L, BK): exp(pre_h) on lower-half rows, exp(suf_h) on upper-half rows."""
+        return core.exp(core.masked_sum(core.level_mask(self.L, shift), self.parts))
 
     def chunk_pre(self):
         """exp(sum_{m<t} g_m): the decay from the chunk start to just before t."""
-        return jnp.exp(core.masked_sum(core.before_mask(self.L, core.log2(self.L)), self.parts))
+        return core.exp(core.masked_sum(core.before_mask(self.L, core.log2(self.L)), self.parts))
 
     def chunk_suf(self):
         """exp(sum_{m>s} g_m): the decay from just after s to the chunk end."""
-        return jnp.exp(core.masked_sum(core.after_mask(self.L, core.log2(self.L)), self.parts))
+        return core.exp(core.masked_sum(core.after_mask(self.L, core.log2(self.L)), self.parts))
 
     def state_rows(self, reverse):
         """The key rows as they enter the chunk's state term X = (k * decay)^T val: decayed to the chunk's end
@@ -46,7 +46,7 @@ class ChunkKeys:
 
     def chunk_tot(self):
         """exp(sum_m g_m) as a (1, BK) row: the decay over the whole chunk."""
-        return jnp.exp(jnp.sum(self.g, axis=0, keepdims=True))
+        return core.exp(jnp.sum(self.g, axis=0, keepdims=True))
 
 
 def level_loop(L, body, carry, unroll):
@@ -73,8 +73,8 @@ def scores(blocks, L, prec, unroll=True):
     def level(shift, A):
         acc = None
         for kb in blocks:
-            e_pre, e_suf = kb.level(shift)
-            part = core.mm(kb.r * e_pre, kb.k * e_suf, prec, tb=True)
+            F = kb.level(shift)
+            part = core.mm(kb.r * F, kb.k * F, prec, tb=True)
             acc = part if acc is None else acc + part
         return A + jnp.where(core.pair_mask(L, shift), acc, 0.0)
 

@@ -24,7 +24,7 @@ def _step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, s_ref, *, T, 
     def step(t, S):
         r = core.load(r_ref.at[b, t, h, :])[:, None]
         k = core.load(k_ref.at[b, t, h, :])[:, None]
-        d = jnp.exp(core.log_decay(core.load(w_ref.at[b, t, h, :])))[:, None]
+        d = core.exp(core.log_decay(core.load(w_ref.at[b, t, h, :])))[:, None]
         v = core.load(v_ref.at[b, t, h, vcols])[None, :]
         kv = k * v
         core.store(y_ref.at[b, t, h, vcols], jnp.sum(r * (u * kv + S), axis=0))

@@ -30,7 +30,7 @@ included), as for the true gradient.
 import triton
 import triton.language as tl
 
-from .common import g_rows, head_base, load_rows, mm, row_base, store_rows
+from .common import exp, g_rows, head_base, load_rows, mm, row_base, store_rows
 from .forward import step_over, sub_block, sub_block_start
 from .levels import after, before, exp_before, exp_after, masked_sum, pair_grads
 
@@ -77,7 +77,7 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     dv = mm(tl.trans(A), dy, PREC) + tl.sum(r * u[None, :] * k, 1)[:, None] * dy + mm(kq, dE, SPREC)
     store_rows(dv_ptr, base, rows, T, cols, stride_t, dv)
     DG += masked_sum(before(C, LOG_C), kq * kap, PIECES, MASK_PREC)        # sum over s < m
-    DG += (tl.exp(tl.sum(g, 0)) * tl.sum(S * dE, 1))[None, :]             # the state through the whole sub-block
+    DG += (exp(tl.sum(g, 0)) * tl.sum(S * dE, 1))[None, :]             # the state through the whole sub-block
     store_rows(dw_ptr, base, rows, T, cols, stride_t, tl.where(tl.exp(g) > 0.0, DG * g, 0.0))
     # du partials: (B * H * NC * L / C, N), one row a program, summed by the caller
     tl.store(du_ptr + pid.to(tl.int64) * N + cols, tl.sum(r * k * vdy[:, None], 0))
@@ -88,17 +88,19 @@ TUNE = {}
 
 
 def backward_config(N):
-    """(num_warps, num_stages). H200, training shape, bf16: 4 warps 2.96 ms, 8 warps 4.16, 16 warps 7.57."""
-    return TUNE.get(N, (4, 1) if N <= 64 else (8, 1))
+    """(num_warps, num_stages, maxnreg). H200, training shape, bf16: 4 warps 2.96 ms, 8 warps 4.16, 16 warps 7.57.
+    maxnreg (None: the compiler's choice) caps the registers a thread."""
+    cfg = TUNE.get(N, (4, 1) if N <= 64 else (8, 1))
+    return cfg + (None,) * (3 - len(cfg))
 
 
 def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, L, C):
     """precisions: common.Precisions of the inputs' dtype; du_part: (B * H * NC * L / C, N) float32."""
     B, T, H, N = r.shape
     NC = -(-T // L)
-    warps, stages = backward_config(N)
+    warps, stages, maxnreg = backward_config(N)
     grid = (B * H * NC * (L // C),)
     backward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, dstates, dy,
                           dr, dk, dv, dw, du_part, T, H, NC, H * N, int(s0 is not None),
                           N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precisions.kernel_args(),
-                          num_warps=warps, num_stages=stages)
+                          num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))

@@ -11,6 +11,7 @@ Exactness (docs/math.md): every decay factor is exp(sum of g over a contiguous r
 (levels.py); in the scan as cumsums of g loaded shifted by one row (the row before / after), not by subtracting
 g from an inclusive sum (that cancels when one g is huge, e.g. -1e26).
 """
+import os
 from typing import NamedTuple
 
 import triton
@@ -19,6 +20,10 @@ import triton.language as tl
 # exp(-exp(60)) is exactly 0.0 in float32, as is the true decay of any larger w: the clamp changes no value and
 # keeps g = -exp(w) finite (docs/math.md rule 4; engines/portable/chunked.py: W_MAX).
 W_MAX = tl.constexpr(60.0)
+# Compiled kernels take exp as one instruction (`exp` below); the interpreter (TRITON_INTERPRET=1, read by triton when
+# the kernels are defined, as here) runs no inline assembly.
+FAST_EXP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").strip() != "1")
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 class Precisions(NamedTuple):
@@ -63,9 +68,22 @@ def mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def exp(x):
+    """exp(x) in float32. Compiled: one MUFU.EX2 on x * log2(e) (ex2.approx.ftz), the approximation tl.exp also
+    uses, without the rescaling tl.exp adds around it for results below 2^-126: those flush to 0. Every exp here is
+    a decay factor (exponent <= 0) or the log-decay's exp(w), for which a value below 2^-126 is 0 next to the
+    terms it is added to (a decay d of the state, or g in a step's decay exp(g) = 1)."""
+    if FAST_EXP:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * LOG2E], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
 def log_decay(w):
     """g = -exp(min(w, W_MAX)) in float32 (<= 0, finite for any w)."""
-    return -tl.exp(tl.minimum(w.to(tl.float32), W_MAX))
+    return -exp(tl.minimum(w.to(tl.float32), W_MAX))
 
 
 @triton.jit

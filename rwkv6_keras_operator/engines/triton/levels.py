@@ -7,15 +7,17 @@ pair (t in D, s in U) belongs to exactly one level and is split at the boundary 
     W[t, s] = prod_{s<m<t} d_m = exp(pre_h[t]) * exp(suf_h[s])
     pre_h[t] = sum of g over t's own h-block before t,      suf_h[s] = sum of g over s's own h-block after s
 
-so a level's pairs are one masked product (r * exp(pre_h)) (k * exp(suf_h))^T (at h = 1 the halves are neighbours
-and W = 1). Every sum of g is a direct sum over exactly its range, so every exponent is <= 0 (rule 1): the
-product of a 0/1 mask with g cut into bfloat16 pieces (`split`, `masked_sum`), each product exact, the sum
-float32. Masks are [row, column] over the C rows of the sub-block.
+A row is a later member t at a level where it lies in a lower half and an earlier member s where it lies in an
+upper half, never both: so one tile F_h holds exp(pre_h) on the lower and exp(suf_h) on the upper halves, and a
+level's pairs are one masked product (r * F_h) (k * F_h)^T (at h = 1 the halves are neighbours and W = 1). Every
+sum of g is a direct sum over exactly its range, so every exponent is <= 0 (rule 1): the product of a 0/1 mask
+with g cut into bfloat16 pieces (`split`, `masked_sum`), each product exact, the sum float32. Masks are
+[row, column] over the C rows of the sub-block.
 """
 import triton
 import triton.language as tl
 
-from .common import mm
+from .common import exp, mm
 
 
 @triton.jit
@@ -70,30 +72,36 @@ def pairs(C: tl.constexpr, shift):
 
 
 @triton.jit
-def spans(C: tl.constexpr, shift):
-    """[m, q]: the level-2^shift term of row q holds d_m: q a later member t of a pair (lower half) and m before
-    it in the same half, or q an earlier member s (upper half) and m after it in the same half."""
-    m = tl.arange(0, C)[:, None]
-    q = tl.arange(0, C)[None, :]
+def spanned(q, m, shift):
+    """Row q's level-2^shift factor holds d_m: m in q's own h-block, before q where q lies in a lower half (q is a
+    later member t: pre_h) and after q where it lies in an upper half (an earlier member s: suf_h)."""
     lower = ((q >> shift) & 1) == 1
-    return ((m >> shift) == (q >> shift)) & tl.where(lower, q > m, q < m)
+    return ((m >> shift) == (q >> shift)) & tl.where(lower, m < q, m > q)
 
 
 @triton.jit
-def level_decays(g, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
-    """exp(pre_h), exp(suf_h) for h = 2^shift (C x N, every factor <= 1); shift = LOG_C gives the sub-block's
-    pre_t = prod_{m<t} d_m and suf_s = prod_{m>s} d_m."""
-    return exp_before(g, shift, C, PIECES, MASK_PREC), exp_after(g, shift, C, PIECES, MASK_PREC)
+def spans(C: tl.constexpr, shift):
+    """[m, q]: the level-2^shift term of row q holds d_m (the mask that gathers a level's part of dg)."""
+    return spanned(tl.arange(0, C)[None, :], tl.arange(0, C)[:, None], shift)
+
+
+@triton.jit
+def level_factor(g, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """F_h for h = 2^shift (C x N, every factor <= 1): exp(pre_h) on lower-half rows, exp(suf_h) on upper-half rows."""
+    return exp(masked_sum(spanned(tl.arange(0, C)[:, None], tl.arange(0, C)[None, :], shift), g, PIECES, MASK_PREC))
 
 
 @triton.jit
 def exp_before(g, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
-    return tl.exp(masked_sum(before(C, shift), g, PIECES, MASK_PREC))
+    """exp(sum of g over the rows before t in t's block of 2^shift rows); shift = LOG_C: the sub-block's
+    pre_t = prod_{m<t} d_m."""
+    return exp(masked_sum(before(C, shift), g, PIECES, MASK_PREC))
 
 
 @triton.jit
 def exp_after(g, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
-    return tl.exp(masked_sum(after(C, shift), g, PIECES, MASK_PREC))
+    """exp(sum of g over the rows after s in s's block of 2^shift rows); shift = LOG_C: suf_s = prod_{m>s} d_m."""
+    return exp(masked_sum(after(C, shift), g, PIECES, MASK_PREC))
 
 
 @triton.jit
@@ -102,8 +110,8 @@ def pair_scores(r, k, g, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexp
     """A[t, s] = sum_i r_t[i] k_s[i] W[t, s, i] for s < t, 0 on and above the diagonal (C x C)."""
     A = tl.where(pairs(C, 0), mm(r, tl.trans(k), PREC), 0.0)
     for shift in tl.static_range(1, LOG_C):
-        pre, suf = level_decays(g, shift, C, PIECES, MASK_PREC)
-        A += tl.where(pairs(C, shift), mm(r * pre, tl.trans(k * suf), PREC), 0.0)
+        F = level_factor(g, shift, C, PIECES, MASK_PREC)
+        A += tl.where(pairs(C, shift), mm(r * F, tl.trans(k * F), PREC), 0.0)
     return A
 
 
@@ -126,12 +134,12 @@ def pair_grads(r, k, dA, g, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.const
     for shift in range(1, LOG_C):
         p = pairs(C, shift)
         dA_h = tl.where(p, dA, 0.0)
-        pre, suf = level_decays(g, shift, C, PIECES, MASK_PREC)
-        rq = r * pre
-        kq = k * suf
+        F = level_factor(g, shift, C, PIECES, MASK_PREC)    # pre_h on the rows t, suf_h on the rows s
+        rq = r * F
+        kq = k * F
         A += tl.where(p, mm(rq, tl.trans(kq), PREC), 0.0)
-        part_r = mm(dA_h, kq, PREC) * pre
-        part_k = mm(tl.trans(dA_h), rq, PREC) * suf
+        part_r = mm(dA_h, kq, PREC) * F                      # non-zero on lower halves only (rows t)
+        part_k = mm(tl.trans(dA_h), rq, PREC) * F            # on upper halves only (rows s)
         # r * part_r lives on the lower halves, k * part_k on the upper halves: one masked sum takes both
         DG += masked_sum(spans(C, shift), r * part_r + k * part_k, PIECES, MASK_PREC)
         DR += part_r

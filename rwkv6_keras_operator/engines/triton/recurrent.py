@@ -9,7 +9,7 @@ runs at the speed of moving the state (2 * 4 N^2 bytes per head).
 import triton
 import triton.language as tl
 
-from .common import log_decay
+from .common import exp, log_decay
 
 
 @triton.jit
@@ -23,7 +23,7 @@ def step_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, s1_ptr, H, has
     r = tl.load(r_ptr + off + i).to(tl.float32)
     k = tl.load(k_ptr + off + i).to(tl.float32)
     v = tl.load(v_ptr + off + j).to(tl.float32)
-    d = tl.exp(log_decay(tl.load(w_ptr + off + i)))
+    d = exp(log_decay(tl.load(w_ptr + off + i)))
     u = tl.load(u_ptr + h * N + i)
     local = i[:, None] * N + j[None, :]
     soffs = bh.to(tl.int64) * N * N + local

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import g_rows, g_vec, head_base, load_rows, row_base
+from .common import exp, g_rows, g_vec, head_base, load_rows, row_base
 
 
 @triton.jit
@@ -73,8 +73,8 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
             g_next = g_rows(w_ptr, base, rows + 1, idx < L - 1, Tc, ik, stride_t)
             D = tl.cumsum(g_next, 0, reverse=True)
             tot = tl.sum(g_next, 0) + g_vec(w_ptr, base, 0, Tc, ik, stride_t)
-        aq = a * tl.exp(D)
-        S = tl.exp(tot)[:, None] * S + tl.dot(tl.trans(aq), bm, input_precision=PREC)
+        aq = a * exp(D)
+        S = exp(tot)[:, None] * S + tl.dot(tl.trans(aq), bm, input_precision=PREC)
         log += tot
         if not REVERSE and G > 1:   # the decay from the start of the segment to the end of chunk c
             tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + ik, log, mask=per_key)
@@ -106,7 +106,7 @@ def combine_kernel(init_ptr, out_ptr, seg_ptr, seg_log_ptr, has_init,
         offs = (bh.to(tl.int64) * G + seg) * N * N + soffs
         E = tl.load(seg_ptr + offs)
         tl.store(seg_ptr + offs, S)
-        S = tl.exp(tl.load(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + ik))[:, None] * S + E
+        S = exp(tl.load(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + ik))[:, None] * S + E
     if STORE_OUT:
         tl.store(out_ptr + bh.to(tl.int64) * N * N + soffs, S)
 
@@ -122,7 +122,7 @@ def fixup_kernel(chunks_ptr, seg_ptr, cum_ptr, NC, M, SEG, N: tl.constexpr, G: t
     square = i[:, None] * N + i[None, :]
     offs = pid.to(tl.int64) * N * N + square
     start = tl.load(seg_ptr + (bh.to(tl.int64) * G + c // SEG) * N * N + square)
-    decay = tl.exp(tl.load(cum_ptr + (bh.to(tl.int64) * NC + c) * N + i))
+    decay = exp(tl.load(cum_ptr + (bh.to(tl.int64) * NC + c) * N + i))
     tl.store(chunks_ptr + offs, tl.load(chunks_ptr + offs) + decay[:, None] * start)
 
 
