@@ -57,7 +57,7 @@ def forward_impl(r, k, v, w, u, s0):
             launch_step(r, k, v, w, u, s0, y, state)
         else:
             p = _precisions(r)
-            launch_scan(k, v, w, s0, state, states, False, p.SPREC, CHUNK)
+            launch_scan(k, v, w, s0, state, states, False, p, CHUNK)
             launch_forward(r, k, v, w, u, s0, states, y, p, CHUNK, SUB)
     return y, state, states
 
@@ -77,7 +77,7 @@ def backward_impl(r, k, v, w, u, s0, states, dy, dstate):
     du_part = torch.empty((B, H, NC * (CHUNK // SUB), N), dtype=torch.float32, device=dev)   # one row a program
     p = _precisions(r)
     with _device(r):
-        launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, p.SPREC, CHUNK)
+        launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, p, CHUNK)
         launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, p, CHUNK, SUB)
     return dr, dk, dv, dw, du_part.sum((0, 2)), ds0
 

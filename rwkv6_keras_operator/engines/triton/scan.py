@@ -24,13 +24,15 @@ import triton
 import triton.language as tl
 
 from .common import exp, g_rows, g_vec, head_base, load_rows, row_base
+from .levels import after, before, masked_sum
 
 
 @triton.jit
 def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_ptr, seg_log_ptr, cum_ptr,
                       T, H, NC, SEG, stride_t, has_init,
-                      N: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, G: tl.constexpr,
-                      REVERSE: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr):
+                      N: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, G: tl.constexpr,
+                      REVERSE: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr,
+                      SUMS_BY_MMA: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     bh = tl.program_id(0) // G
     seg = tl.program_id(0) % G            # segment of chunks [seg * SEG, (seg + 1) * SEG)
     b = bh // H
@@ -63,7 +65,15 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
         rows = idx
         a = load_rows(a_ptr, base, rows, Tc, ik, stride_t)     # (L, BK)
         bm = load_rows(b_ptr, base, rows, Tc, jv, stride_t)    # (L, BV)
-        if REVERSE:
+        if SUMS_BY_MMA:
+            # the same direct sums as masked products on the tensor cores (levels.masked_sum)
+            g = g_rows(w_ptr, base, rows, idx >= 0, Tc, ik, stride_t)
+            if REVERSE:
+                D = masked_sum(before(L, LOG_L), g, PIECES, MASK_PREC)
+            else:
+                D = masked_sum(after(L, LOG_L), g, PIECES, MASK_PREC)
+            tot = tl.sum(g, 0)
+        elif REVERSE:
             # pre_t = exp(sum_{cL <= m < t} g_m): g of the row before, summed forward
             g_prev = g_rows(w_ptr, base, rows - 1, idx > 0, Tc, ik, stride_t)
             D = tl.cumsum(g_prev, 0)
@@ -155,9 +165,9 @@ def segments(NC, programs):
     return max(1, min(2048 // programs, NC // 32))
 
 
-def launch_scan(a, b, w, init, out, chunks, reverse, prec, L):
+def launch_scan(a, b, w, init, out, chunks, reverse, precisions, L):
     """a, b, w: (B, T, H, N); init: (B, H, N, N) float32 or None; out: (B, H, N, N) or None (not stored);
-    chunks: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward."""
+    chunks: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward; precisions: common.Precisions."""
     B, T, H, N = a.shape
     NC = -(-T // L)
     BK, BV, warps, stages = scan_tiles(N, B * H)
@@ -176,8 +186,9 @@ def launch_scan(a, b, w, init, out, chunks, reverse, prec, L):
     state_scan_kernel[(B * H * G,) + tiles](
         a, b, w, init_arg, out_arg, chunks, seg, seg_log, cum,
         T, H, NC, SEG, H * N, int(init is not None),
-        N=N, L=L, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None, PREC=prec, num_warps=warps,
-        num_stages=stages)
+        N=N, L=L, LOG_L=L.bit_length() - 1, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None,
+        PREC=precisions.SPREC, SUMS_BY_MMA=TUNE.get("sums_by_mma", False), PIECES=precisions.PIECES,
+        MASK_PREC=precisions.MASK_PREC, num_warps=warps, num_stages=stages)
     if G > 1:
         combine_kernel[(B * H,) + tiles](init_arg, out_arg, seg, seg_log, int(init is not None),
                                          N=N, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None,
