@@ -7,9 +7,8 @@ int64 scalar, `rows` are chunk-relative and `T` counts the rows left from the ch
 States are (B, H, N, N) float32 (S[i, j]: i the key channel, j the value channel).
 
 Exactness (docs/math.md): every decay factor is exp(sum of g over a contiguous range), the sum taken directly
-(never a difference of running sums), so every exponent is <= 0: inside a sub-block as masked products
-(levels.py); in the scan as cumsums of g loaded shifted by one row (the row before / after), not by subtracting
-g from an inclusive sum (that cancels when one g is huge, e.g. -1e26).
+as a masked product on the tensor cores (levels.masked_sum, in the chunk kernels and the scan), never as a
+difference of running sums (that cancels when one g is huge, e.g. -1e26), so every exponent is <= 0.
 """
 import os
 from typing import NamedTuple
@@ -120,21 +119,6 @@ def g_rows(w_ptr, base, rows, valid, T, cols, stride_t):
     offs = rows[:, None] * stride_t + cols[None, :]
     w = tl.load((w_ptr + base) + offs, mask=ok[:, None], other=0.0)
     return tl.where(ok[:, None], log_decay(w), 0.0)
-
-
-@triton.jit
-def load_vec(ptr, base, t, T, cols, stride_t):
-    """Row t as a float32 vector (zeros if t >= T)."""
-    ok = (cols * 0 + t) < T
-    return tl.load((ptr + base) + (t * stride_t + cols), mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def g_vec(w_ptr, base, t, T, cols, stride_t):
-    """g at row t as a vector (0 if t >= T)."""
-    ok = (cols * 0 + t) < T
-    w = tl.load((w_ptr + base) + (t * stride_t + cols), mask=ok, other=0.0)
-    return tl.where(ok, log_decay(w), 0.0)
 
 
 @triton.jit

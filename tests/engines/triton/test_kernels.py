@@ -130,19 +130,6 @@ def test_segmented_scan(G):
         scan.TUNE.clear()
 
 
-def test_scan_sums_by_mma():
-    """The scan's decay sums as masked products (scan.TUNE["sums_by_mma"], a benchmark setting) instead of cumsums of
-    the shifted g: the same direct sums, so the same values and gradients, masks and strong decays included."""
-    from rwkv6_keras_operator.engines.triton import scan
-
-    scan.TUNE["sums_by_mma"] = True
-    try:
-        check(2, 150, 1, 32, "masks", n_state=2)
-        check(1, 290, 1, 16, "strong", n_state=1)
-    finally:
-        scan.TUNE.clear()
-
-
 @pytest.mark.parametrize("L,C", [(64, 32), (128, 32), (64, 16)])
 def test_sub_blocks_of_longer_chunks(L, C):
     """Chunks of several sub-blocks (a benchmark setting): each program carries the chunk's start state forward and
