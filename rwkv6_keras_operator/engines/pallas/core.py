@@ -56,8 +56,9 @@ TUNING = {
     "grads_warps": 4,        # idem
     "scan_warps": 4,
     "scan_block": 32,        # value columns per scan program
-    "fused_keys": 64,        # the fused scan (scan.states): key rows of S per program,
-    "fused_block": 32,       # value columns per program,
+    "fused_keys": 32,        # the fused scan (scan.states): key rows of S per program (each program builds the
+    "fused_block": 64,       # decays of its own keys; H200, training shape: 32 x 64 fwd 1.68 / fwd+bwd 4.80 ms,
+                             # 64 x 32 1.84 / 5.09, 32 x 32 2.02 / 5.42), value columns per program,
     "fused_warps": 4,
     "fused_min_programs": 512,   # fewer programs than this: state terms in parallel, then the plain scan
     "recurrent_block": 32,   # value columns per step-by-step program
