@@ -142,6 +142,22 @@ def test_sub_blocks_of_longer_chunks(L, C):
         binding.CHUNK, binding.SUB = L0, C0
 
 
+def test_unused_outputs_get_no_zero_gradients(monkeypatch):
+    """A backward through y alone passes dstate = None to the backward op: autograd must not build zero gradients
+    for the final state and the saved chunk states (a memset of every state, 537 MB at the training shape)."""
+    seen = []
+    backward_op = binding.backward_op
+    monkeypatch.setattr(binding, "backward_op", lambda *a: seen.append(a[-1]) or backward_op(*a))
+    ts = [torch.randn(1, 40, 1, 16, device=DEVICE, requires_grad=True) for _ in range(4)]
+    ts.append(torch.randn(1, 16, device=DEVICE, requires_grad=True))
+    y, _ = binding.wkv(*ts, None)
+    y.sum().backward()
+    assert seen == [None]
+    y, state = binding.wkv(*ts, None)
+    (y.sum() + state.sum()).backward()
+    assert seen[1] is not None and seen[1].shape == (1, 1, 16, 16)
+
+
 def test_bfloat16_inputs():
     check(1, 40, 1, 16, "strong", dtype="bfloat16", n_state=1)
 
