@@ -57,6 +57,11 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     dy = load_rows(dy_ptr, base, rows, T, cols, stride_t)
     vdy = tl.sum(dy * v, 1)                                                # dA[t, t]
     A, DR, DK, DG = pair_grads(r, k, mm(dy, tl.trans(v), PREC), g, C, LOG_C, PREC, PIECES, MASK_PREC)
+    # v and dy again, from L2 (".cg": a load of its own, not merged with the first): not held through the levels
+    v = tl.load((v_ptr + base) + rows[:, None] * stride_t + cols[None, :], mask=(rows < T)[:, None], other=0.0,
+                cache_modifier=".cg").to(tl.float32)
+    dy = tl.load((dy_ptr + base) + rows[:, None] * stride_t + cols[None, :], mask=(rows < T)[:, None], other=0.0,
+                 cache_modifier=".cg").to(tl.float32)
     u = tl.load(u_ptr + h * N + cols)
     bonus = u[None, :] * vdy[:, None]
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)
