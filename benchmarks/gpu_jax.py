@@ -57,8 +57,6 @@ VARIANT_CONFIGS = {
     "output-stages1": {"output_stages": 1},
     "output-stages3": {"output_stages": 3},
     "output-warps8": {"output_warps": 8},
-    "output-rolled": {"output_unroll_max": 0},   # the output kernel's levels as a loop (registers)
-    "output-rolled-long": {"output_unroll_max": 0, "shape": "long"},
     "fused-long": {"fused_min_programs": 0, "shape": "long"},
     "fused-long-keys16": {"fused_min_programs": 0, "fused_keys": 16, "shape": "long"},
     "long-scan16": {"scan_block": 16, "scan_warps": 2, "shape": "long"},   # more programs for the plain scan

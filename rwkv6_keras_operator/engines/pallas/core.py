@@ -53,7 +53,6 @@ TUNING = {
     "terms_warps": 4,
     "output_warps": 4,       # N <= 64 and 16-bit inputs; else at least 8 (see warps())
     "output_stages": 2,
-    "output_unroll_max": 32, # the output kernel unrolls its levels for chunks up to this length (else a loop)
     "grads_warps": 4,        # idem
     "scan_warps": 4,
     "scan_block": 32,        # value columns per scan program
