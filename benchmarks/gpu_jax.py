@@ -59,6 +59,8 @@ VARIANT_CONFIGS = {
     "output-warps8": {"output_warps": 8},
     "fused-long": {"fused_min_programs": 0, "shape": "long"},
     "fused-long-keys16": {"fused_min_programs": 0, "fused_keys": 16, "shape": "long"},
+    "fused-long-k16-v32": {"fused_min_programs": 0, "fused_keys": 16, "fused_block": 32, "shape": "long"},
+    "fused-long-k16-v16": {"fused_min_programs": 0, "fused_keys": 16, "fused_block": 16, "shape": "long"},
     "long-scan16": {"scan_block": 16, "scan_warps": 2, "shape": "long"},   # more programs for the plain scan
     "long-scan8": {"scan_block": 8, "scan_warps": 1, "shape": "long"},
     # decode (timed at the decode shape): value columns per step-by-step program; 64 = whole 256-byte state rows
