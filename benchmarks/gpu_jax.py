@@ -15,6 +15,7 @@ Writes $OUT/gpu_jax.json (OUT defaults to /tmp) and prints a table last. bf16 in
 times are medians of individually synchronised calls (as .gpukit/peers/peer_bench.py times rwkv-ops), and for
 decode the mean over 200 back-to-back calls (a single call is shorter than a host round trip).
 """
+import functools
 import json
 import os
 import subprocess
@@ -250,9 +251,9 @@ def variants(names):
 
 @guarded("kernels")
 def kernels():
-    """Each kernel alone at the training shape, default configuration."""
+    """Each kernel alone at the training shape (KERNELS_SHAPE: another), default configuration."""
     configure({})
-    B, T, H, N = SHAPES["train"]
+    B, T, H, N = SHAPES[os.environ.get("KERNELS_SHAPE", "train")]
     r, k, v, w, u, dy, s0 = make(B, T, H, N)
     L = ops.chunk_length(T, pallas.CHUNK)
     prec = ops.precision(r.dtype, pallas.LOW_PRECISION)
@@ -265,13 +266,14 @@ def kernels():
     out = jax.jit(lambda r, k, v, w, u, S: chunked.output(r, k, v, w, u, S, L=L, prec=prec))
     back = jax.jit(lambda r, k, v, w, u, dy, S, D: grads.grads(r, k, v, w, u, dy, S, D, L=L, prec=prec))
     states = jax.jit(lambda k, v, w, s0: scan.states(k, v, w, s0, L=L, prec=prec))
+    stream = functools.partial(timeit_stream, n=50)   # device time a call (back to back)
     RESULTS["kernels"] = {
-        "config": {"chunk": L, "prec": prec, **core.TUNING},
-        "states_ms": timeit(states, x4[1], x4[2], x4[3], s0),   # what the forward runs (scan.states)
-        "state_terms_ms": timeit(terms, x4[1], x4[2], x4[3]),
-        "scan_ms": timeit(sweep, X, a, s0),
-        "output_ms": timeit(out, *x4[:4], ub, starts),
-        "grads_ms": timeit(back, *x4[:4], ub, x4[4], starts, starts),
+        "config": {"chunk": L, "prec": prec, "shape": [B, T, H, N], **core.TUNING},
+        "states_ms": stream(states, x4[1], x4[2], x4[3], s0),   # what the forward runs (scan.states)
+        "state_terms_ms": stream(terms, x4[1], x4[2], x4[3]),
+        "scan_ms": stream(sweep, X, a, s0),
+        "output_ms": stream(out, *x4[:4], ub, starts),
+        "grads_ms": stream(back, *x4[:4], ub, x4[4], starts, starts),
         "copy_1GiB_GBps": None,
     }
     x = jnp.ones((2 ** (16 if os.environ.get("SMOKE") == "1" else 28),), jnp.float32)
