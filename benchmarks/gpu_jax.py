@@ -62,6 +62,9 @@ VARIANT_CONFIGS = {
     "fused-long-keys16": {"fused_min_programs": 0, "fused_keys": 16, "shape": "long"},
     "fused-long-k16-v32": {"fused_min_programs": 0, "fused_keys": 16, "fused_block": 32, "shape": "long"},
     "fused-long-k16-v16": {"fused_min_programs": 0, "fused_keys": 16, "fused_block": 16, "shape": "long"},
+    "fused-long-k16-s3": {"fused_min_programs": 0, "fused_keys": 16, "fused_stages": 3, "shape": "long"},
+    "fused-long-k16-s1": {"fused_min_programs": 0, "fused_keys": 16, "fused_stages": 1, "shape": "long"},
+    "fused-s3": {"fused_stages": 3},
     "long-scan16": {"scan_block": 16, "scan_warps": 2, "shape": "long"},   # more programs for the plain scan
     "long-scan8": {"scan_block": 8, "scan_warps": 1, "shape": "long"},
     # decode (timed at the decode shape): value columns per step-by-step program; 64 = whole 256-byte state rows

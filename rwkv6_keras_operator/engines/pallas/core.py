@@ -60,6 +60,7 @@ TUNING = {
     "fused_block": 64,       # decays of its own keys; H200, training shape: 32 x 64 fwd 1.68 / fwd+bwd 4.80 ms,
                              # 64 x 32 1.84 / 5.09, 32 x 32 2.02 / 5.42), value columns per program,
     "fused_warps": 4,
+    "fused_stages": 2,       # software-pipeline stages of its loop over chunks
     "fused_min_programs": 512,   # fewer programs than this: state terms in parallel, then the plain scan
     "recurrent_block": 32,   # value columns per step-by-step program
     "recurrent_warps": 2,

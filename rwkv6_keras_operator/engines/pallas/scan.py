@@ -79,7 +79,8 @@ def states(key, val, w, s0, *, L, prec, reverse=False):
         return scan(X, a, s0, reverse=reverse)
     kernel = functools.partial(_fused_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, prec=prec, reverse=reverse)
     return core.call(
-        kernel, grid=((N // BK) * (N // BV), H, B), num_warps=core.TUNING["fused_warps"], num_stages=2,
+        kernel, grid=((N // BK) * (N // BV), H, B), num_warps=core.TUNING["fused_warps"],
+        num_stages=core.TUNING["fused_stages"],
         name="wkv6_state_scan",
         out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), jnp.float32),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
