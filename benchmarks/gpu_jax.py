@@ -53,6 +53,7 @@ VARIANT_CONFIGS = {
     # the scan over chunks: state terms built in parallel then scanned, or built as the scan goes (scan.states);
     # "shape" times a variant at another shape than the training one
     "terms-then-scan": {"fused_min_programs": 1 << 30},
+    "terms-then-scan-long": {"fused_min_programs": 1 << 30, "shape": "long"},
     "fused-k32-v64": {"fused_keys": 32, "fused_block": 64},   # key blocks: each program its own decays
     "fused-k32-v32": {"fused_keys": 32, "fused_block": 32},
     "output-stages1": {"output_stages": 1},
