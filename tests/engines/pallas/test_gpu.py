@@ -73,11 +73,12 @@ def test_head_sizes(N, dtype):
     check(2, 200, 2, N, "masks", dtype, seed=N)
 
 
+@pytest.mark.parametrize("keys", [16, 32])
 @pytest.mark.parametrize("N,dtype", [(64, "float32"), (64, "bfloat16"), (128, "bfloat16"), (16, "float16")])
-def test_fused_state_scan(N, dtype):
-    """The scan that builds each chunk's state terms as it goes (taken from 512 programs: many rows and heads;
-    forced here at a small shape), compiled."""
-    with tuning(fused_min_programs=0):
+def test_fused_state_scan(N, dtype, keys):
+    """The scan that builds each chunk's state terms as it goes (taken from 128 programs; forced here at a small
+    shape), compiled, in the key blocks of few (16) and many (32) programs."""
+    with tuning(fused_min_programs=0, fused_keys_few=keys):
         check(2, 300, 2, N, "masks", dtype, seed=N + 5, n_state=2)
 
 

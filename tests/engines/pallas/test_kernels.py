@@ -88,11 +88,12 @@ def test_head_sizes(N):
     check(1, 24, 2, N, "strong", seed=N)
 
 
+@pytest.mark.parametrize("keys", [16, 32])
 @pytest.mark.parametrize("N", [16, 128])
-def test_fused_state_scan(N):
-    """The scan that builds each chunk's state terms as it goes (chosen for many rows and heads; forced here), with
-    several key and value blocks of the state at N = 128."""
-    with tuning(fused_min_programs=0):
+def test_fused_state_scan(N, keys):
+    """The scan that builds each chunk's state terms as it goes (chosen from 128 programs; forced here), with
+    several key and value blocks of the state at N = 128, in the key blocks of few (16) and many (32) programs."""
+    with tuning(fused_min_programs=0, fused_keys_few=keys):
         check(2, 70, 2, N, "masks", seed=13)
         check(1, 40, 1, N, "strong", seed=14, with_s0=False)
 

@@ -10,20 +10,26 @@ if BACKEND != "jax":
     pytest.skip(f"the Pallas engine runs under the jax backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
 pytest.importorskip("jax.experimental.pallas.triton", reason="this jax has no Pallas Triton backend")
 
-from tests.engines.pallas import triton_ir  # noqa: E402
+from tests.engines.pallas import triton_ir, tuning  # noqa: E402
 
 KERNELS = {"wkv6_state_terms", "wkv6_scan", "wkv6_output", "wkv6_grads", "wkv6_recurrent"}
+# the two ways of the state scan (scan.states): state terms then the plain scan, or one fused kernel
+STATE_SCANS = {"terms+scan": ({"fused_min_programs": 1 << 30}, {"wkv6_state_terms", "wkv6_scan"}),
+               "fused": ({"fused_min_programs": 0}, {"wkv6_state_scan"})}
 HOPPER_SMEM = 227 * 1024
 
 
+@pytest.mark.parametrize("state_scan", sorted(STATE_SCANS))
 @pytest.mark.parametrize("N, dtype, chunk, low_precision", [
     (16, "bfloat16", 32, "tf32"), (32, "float16", 32, "f16"), (64, "bfloat16", 32, "bf16"),
     (64, "float32", 32, "tf32"), (64, "bfloat16", 64, "tf32"), (128, "bfloat16", 32, "tf32"),
     (256, "float32", 16, "tf32"),
 ])
-def test_every_kernel_lowers_to_triton(N, dtype, chunk, low_precision):
-    modules = triton_ir.capture(N, dtype, chunk, low_precision, T=2 * chunk + 3)
-    assert set(modules) == KERNELS
+def test_every_kernel_lowers_to_triton(N, dtype, chunk, low_precision, state_scan):
+    settings, scans = STATE_SCANS[state_scan]
+    with tuning(**settings):
+        modules = triton_ir.capture(N, dtype, chunk, low_precision, T=2 * chunk + 3)
+    assert set(modules) == KERNELS - STATE_SCANS["terms+scan"][1] | scans
     for name, ir in modules.items():
         assert f"tt.func public @{name}" in ir
     if dtype == "float32":
