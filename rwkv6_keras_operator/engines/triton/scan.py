@@ -30,8 +30,8 @@ from .levels import after, before, masked_sum
 @triton.jit
 def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_ptr, seg_log_ptr, cum_ptr,
                       T, H, NC, SEG, stride_t, has_init,
-                      N: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, G: tl.constexpr,
-                      REVERSE: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr,
+                      N: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      G: tl.constexpr, REVERSE: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr,
                       PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     bh = tl.program_id(0) // G
     seg = tl.program_id(0) % G            # segment of chunks [seg * SEG, (seg + 1) * SEG)
@@ -148,8 +148,9 @@ def scan_tiles(N, BH):
 def segments(NC, programs):
     """G: segments scanned at once when fewer than 512 programs would walk the whole sequence, up to about 512
     programs, each over at least 32 chunks. The fix-up reads and writes every stored state once more, which costs
-    more than it saves with enough programs (training shape, 512 programs: 0.98 ms in one segment, 1.65 in two;
-    long context, 128 programs: G = 1, 2, 4, 8, 16 took 1.27, 1.08, 0.87, 0.91, 1.00 ms, H200, bf16)."""
+    more than it saves with enough programs (training shape, 512 programs: 0.98 ms in one segment, 1.65 in two,
+    measured with the cumsum sums of an earlier version;
+    long context, 128 programs: G = 1, 2, 4, 8, 16 took 0.76, 0.83, 0.74, 0.78, 0.89 ms; H200, bf16, both scans)."""
     if "segments" in TUNE:
         return max(1, min(TUNE["segments"], NC))
     if programs >= 512:
