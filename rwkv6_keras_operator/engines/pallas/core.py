@@ -62,7 +62,8 @@ TUNING = {
     "fused_warps": 4,
     "fused_stages": 3,       # software-pipeline stages of its loop over chunks (long context: fwd 0.85 ms with 3,
                              # 1.40 with 1; training shape: 1.25 with 3, 1.30 with 2)
-    "fused_keys_few": 16,    # key rows per program where fused_keys would give fewer than 512 programs
+    "fused_narrow_below": 512,   # fewer programs than this with fused_keys: key blocks of fused_keys_few rows,
+    "fused_keys_few": 16,
     "fused_min_programs": 128,   # fewer programs than this: state terms in parallel, then the plain scan (long
                                  # context, 128 programs of 16 keys: fused fwd 0.85 ms against 1.02)
     "recurrent_block": 32,   # value columns per step-by-step program

@@ -7,8 +7,8 @@ a_c (a column over keys) scales the rows of S. Forward, out[c] is the state at t
 final S the state after the last step; backward, out[c] is the gradient of the state at the end of chunk c
 and the final S the gradient of s0. `states` picks one of two ways:
 
-    enough programs (rows x heads x state blocks >= TUNING["fused_min_programs"]; with fewer than 512 the key
-        blocks narrow to TUNING["fused_keys_few"] rows): one kernel that builds X_c and a_c from the chunk's own
+    enough programs (rows x heads x state blocks >= TUNING["fused_min_programs"]; below
+        TUNING["fused_narrow_below"] the key blocks narrow to TUNING["fused_keys_few"] rows): one kernel that builds X_c and a_c from the chunk's own
         rows as it goes (chunked.ChunkKeys), so X never goes through memory, its loads pipelined ahead of the
         chain (TUNING["fused_stages"]);
     fewer (short inputs, few rows and heads): chunked.state_terms builds every X_c at once (in parallel over
@@ -75,10 +75,15 @@ def states(key, val, w, s0, *, L, prec, reverse=False):
     of (key * decay) val^T (decay: to the chunk's end forward, from its start backward) and a_c = exp(tot_c)."""
     B, T, H, N = key.shape
     nc = -(-T // L)
-    BK, BV = blocks(N, core.TUNING["fused_keys"])[0], min(core.TUNING["fused_block"], N)
-    if B * H * (N // BK) * (N // BV) < 512:   # few rows and heads: narrower key blocks, more programs
+    BV = min(core.TUNING["fused_block"], N)
+
+    def programs(BK):
+        return B * H * (N // BK) * (N // BV)
+
+    BK = blocks(N, core.TUNING["fused_keys"])[0]
+    if programs(BK) < core.TUNING["fused_narrow_below"]:   # few rows and heads: narrower key blocks, more programs
         BK = blocks(N, core.TUNING["fused_keys_few"])[0]
-    if B * H * (N // BK) * (N // BV) < core.TUNING["fused_min_programs"]:
+    if programs(BK) < core.TUNING["fused_min_programs"]:
         X, a = state_terms(key, val, w, L=L, prec=prec, reverse=reverse)
         return scan(X, a, s0, reverse=reverse)
     kernel = functools.partial(_fused_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, prec=prec, reverse=reverse)

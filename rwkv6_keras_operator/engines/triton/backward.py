@@ -57,11 +57,9 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     dy = load_rows(dy_ptr, base, rows, T, cols, stride_t)
     vdy = tl.sum(dy * v, 1)                                                # dA[t, t]
     A, DR, DK, DG = pair_grads(r, k, mm(dy, tl.trans(v), PREC), g, C, LOG_C, PREC, PIECES, MASK_PREC)
-    # v and dy again, from L2 (".cg": a load of its own, not merged with the first): not held through the levels
-    v = tl.load((v_ptr + base) + rows[:, None] * stride_t + cols[None, :], mask=(rows < T)[:, None], other=0.0,
-                cache_modifier=".cg").to(tl.float32)
-    dy = tl.load((dy_ptr + base) + rows[:, None] * stride_t + cols[None, :], mask=(rows < T)[:, None], other=0.0,
-                 cache_modifier=".cg").to(tl.float32)
+    # v and dy again, from L2 (a load of its own): not held in registers through the levels
+    v = load_rows(v_ptr, base, rows, T, cols, stride_t, ".cg")
+    dy = load_rows(dy_ptr, base, rows, T, cols, stride_t, ".cg")
     u = tl.load(u_ptr + h * N + cols)
     bonus = u[None, :] * vdy[:, None]
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)
@@ -95,8 +93,7 @@ TUNE = {}
 def backward_config(N):
     """(num_warps, num_stages, maxnreg). H200, training shape, bf16: 4 warps 2.96 ms, 8 warps 4.16, 16 warps 7.57.
     maxnreg (None: the compiler's choice) caps the registers a thread."""
-    cfg = TUNE.get(N, (4, 1) if N <= 64 else (8, 1))
-    return cfg + (None,) * (3 - len(cfg))
+    return TUNE.get(N, (4, 1, None) if N <= 64 else (8, 1, None))
 
 
 def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, L, C):

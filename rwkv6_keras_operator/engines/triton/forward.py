@@ -98,8 +98,7 @@ def forward_config(N):
     maxnreg (None: the compiler's choice) caps the registers a thread, so that more programs fit on an SM: H200,
     training shape, bf16, 4 warps: 0.938 ms uncapped (168 registers, 3 programs an SM), 0.872 at 128 (4 programs),
     0.925 at 96; 8 warps: 1.97."""
-    cfg = TUNE.get(N, (N, 4, 128) if N <= 64 else (64, 8))
-    return cfg + (None,) * (3 - len(cfg))
+    return TUNE.get(N, (N, 4, 128) if N <= 64 else (64, 8, None))
 
 
 def launch_forward(r, k, v, w, u, s0, states, y, precisions, L, C):
