@@ -30,7 +30,7 @@ included), as for the true gradient.
 import triton
 import triton.language as tl
 
-from .common import exp, g_rows, head_base, load_rows, mm, row_base, store_rows
+from .common import exp, g_rows, head_base, load_rows, load_rows_cached, mm, row_base, store_rows
 from .forward import step_over, sub_block, sub_block_start
 from .levels import after, before, exp_before, exp_after, masked_sum, pair_grads
 
@@ -58,8 +58,8 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     vdy = tl.sum(dy * v, 1)                                                # dA[t, t]
     A, DR, DK, DG = pair_grads(r, k, mm(dy, tl.trans(v), PREC), g, C, LOG_C, PREC, PIECES, MASK_PREC)
     # v and dy again, from L2 (a load of its own): not held in registers through the levels
-    v = load_rows(v_ptr, base, rows, T, cols, stride_t, ".cg")
-    dy = load_rows(dy_ptr, base, rows, T, cols, stride_t, ".cg")
+    v = load_rows_cached(v_ptr, base, rows, T, cols, stride_t, ".cg")
+    dy = load_rows_cached(dy_ptr, base, rows, T, cols, stride_t, ".cg")
     u = tl.load(u_ptr + h * N + cols)
     bonus = u[None, :] * vdy[:, None]
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)

@@ -98,9 +98,15 @@ def row_base(base, t, stride_t):
 
 
 @triton.jit
-def load_rows(ptr, base, rows, T, cols, stride_t, CACHE: tl.constexpr = ""):
-    """(len(rows), len(cols)) float32 tile of rows `rows` (zero where row >= T or row < 0). CACHE: the load's
-    cache_modifier (".cg" makes a second load of the same rows a load of its own, not merged with the first)."""
+def load_rows(ptr, base, rows, T, cols, stride_t):
+    """(len(rows), len(cols)) float32 tile of rows `rows` (zero where row >= T or row < 0)."""
+    return load_rows_cached(ptr, base, rows, T, cols, stride_t, "")
+
+
+@triton.jit
+def load_rows_cached(ptr, base, rows, T, cols, stride_t, CACHE: tl.constexpr):
+    """load_rows with the load's cache_modifier CACHE (".cg" makes a second load of the same rows a load of its
+    own, not merged with the first). Triton 3.6 does not accept a default value for a string constexpr."""
     ok = (rows >= 0) & (rows < T)
     offs = rows[:, None] * stride_t + cols[None, :]
     return tl.load((ptr + base) + offs, mask=ok[:, None], other=0.0, cache_modifier=CACHE).to(tl.float32)
