@@ -48,6 +48,20 @@ def masked_sum(mask, x, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
 
 
 @triton.jit
+def column_sums(x, R: tl.constexpr, BV: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """(columns of x, BV) tile whose row i holds sum_t x[t, i] (over the R rows of x) in every column: x^T times
+    ones, in the exact pieces of masked_sum, so the result is in the layout of a product (no reduction across
+    warps)."""
+    hi, mid, lo = split(x, PIECES)
+    ones = tl.full([R, BV], 1.0, tl.float32)
+    if PIECES == 3:
+        out = mm(tl.trans(lo), ones, MASK_PREC) + mm(tl.trans(mid), ones, MASK_PREC)
+    else:
+        out = mm(tl.trans(mid), ones, MASK_PREC)
+    return out + mm(tl.trans(hi), ones, MASK_PREC)
+
+
+@triton.jit
 def before(C: tl.constexpr, shift):
     """[t, m]: m comes before t inside t's block of 2^shift rows (shift = LOG_C: the whole sub-block)."""
     t = tl.arange(0, C)[:, None]

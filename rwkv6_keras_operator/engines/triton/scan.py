@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import exp, g_rows, head_base, load_rows, row_base
-from .levels import after, before, masked_sum
+from .levels import after, before, column_sums, masked_sum
 
 
 @triton.jit
@@ -42,13 +42,15 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
     jv = tl.program_id(2) * BV + tl.arange(0, BV)   # value channels
     idx = tl.arange(0, L)
     soffs = ik[:, None] * N + jv[None, :]
-    per_key = (ik * 0 + tl.program_id(2)) == 0     # per-key sums: written by the first value tile only
+    # per-key sums are (BK, BV) tiles, every column the same: written from the first value channel only
+    per_key = (ik[:, None] * 0 + jv[None, :]) == 0
+    key_offs = ik[:, None] + jv[None, :] * 0
     if G == 1:
         S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs, mask=soffs < has_init * N * N,
                     other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)    # each segment from zero; combine_kernel adds the rest
-    log = tl.zeros([BK], dtype=tl.float32)          # sum of tot over the segment's chunks so far
+    log = tl.zeros([BK, BV], dtype=tl.float32)      # sum of tot over the segment's chunks so far
     first = seg * SEG
     count = tl.minimum(SEG, NC - first)
     for step in range(count):
@@ -59,7 +61,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
         else:
             c = first + step
         if REVERSE and G > 1:   # the decay from the end of chunk c to the end of the segment
-            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + ik, log, mask=per_key)
+            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, log, mask=per_key)
         base = row_base(head, c * L, stride_t)                 # chunk c's first row; rows relative to it
         Tc = T - c * L
         rows = idx
@@ -73,12 +75,14 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
             D = masked_sum(before(L, LOG_L), g, PIECES, MASK_PREC)
         else:
             D = masked_sum(after(L, LOG_L), g, PIECES, MASK_PREC)
-        tot = tl.sum(g, 0)
+        # tot[i, j] = sum of g over the chunk for key i, in every value column j: on the tensor cores too (a
+        # reduction over the rows crosses warps; it held 36% of the scan's stall samples, H200 profile)
+        tot = column_sums(g, L, BV, PIECES, MASK_PREC)
         aq = a * exp(D)
-        S = exp(tot)[:, None] * S + tl.dot(tl.trans(aq), bm, input_precision=PREC)
+        S = exp(tot) * S + tl.dot(tl.trans(aq), bm, input_precision=PREC)
         log += tot
         if not REVERSE and G > 1:   # the decay from the start of the segment to the end of chunk c
-            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + ik, log, mask=per_key)
+            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, log, mask=per_key)
         if not REVERSE:
             # state at the start of chunk c + 1 (none stored after the last chunk: that is the final state)
             tl.store(chunks_ptr + (bh.to(tl.int64) * (NC - 1) + c) * N * N + soffs, S,
@@ -88,7 +92,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
             tl.store(out_ptr + bh.to(tl.int64) * N * N + soffs, S)
     else:
         tl.store(seg_ptr + (bh.to(tl.int64) * G + seg) * N * N + soffs, S)
-        tl.store(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + ik, log, mask=per_key)
+        tl.store(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + key_offs, log, mask=per_key)
 
 
 @triton.jit
@@ -146,14 +150,14 @@ def scan_tiles(N, BH):
 
 
 def segments(NC, programs):
-    """G: segments scanned at once when fewer than 512 programs would walk the whole sequence, up to about 512
+    """G: segments scanned at once when fewer than 128 programs would walk the whole sequence, up to about 512
     programs, each over at least 32 chunks. The fix-up reads and writes every stored state once more, which costs
-    more than it saves with enough programs (training shape, 512 programs: 0.98 ms in one segment, 1.65 in two,
-    measured with the cumsum sums of an earlier version;
-    long context, 128 programs: G = 1, 2, 4, 8, 16 took 0.76, 0.83, 0.74, 0.78, 0.89 ms; H200, bf16, both scans)."""
+    more than it saves with enough programs (H200, bf16, both scans: training shape, 512 programs, 0.98 ms in one
+    segment, 1.65 in two, measured with the cumsum sums of an earlier version; long context, 128 programs, with
+    the tile totals as products: G = 1, 2, 4, 8, 16 took 0.690, 0.766, 0.735, 0.769, 0.887 ms)."""
     if "segments" in TUNE:
         return max(1, min(TUNE["segments"], NC))
-    if programs >= 512:
+    if programs >= 128:
         return 1
     return max(1, min(512 // programs, NC // 32))
 
