@@ -179,3 +179,21 @@ def test_protocol():
     assert not engine.supports(r, 64), "CPU tensors never go to the Triton engine"
     if not CUDA:
         assert not engine.is_available()
+
+
+def test_jit_functions_take_no_default_arguments():
+    """Every argument of a @triton.jit function is passed explicitly: Triton 3.6 (with torch 2.11, the GPU machines)
+    fails to compile a call that leaves a default in place (a string constexpr default broke every kernel there
+    while the interpreter and newer Triton ran it)."""
+    import ast
+    import pathlib
+
+    folder = pathlib.Path(engine.__file__).parent
+    files = sorted(folder.glob("*.py"))
+    offenders = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                if node.args.defaults or any(d is not None for d in node.args.kw_defaults):
+                    offenders.append(f"{path.name}:{node.lineno} {node.name}")
+    assert len(files) >= 5 and not offenders, offenders
