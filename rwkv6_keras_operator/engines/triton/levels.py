@@ -11,7 +11,7 @@ A row is a later member t at a level where it lies in a lower half and an earlie
 upper half, never both: so one tile F_h holds exp(pre_h) on the lower and exp(suf_h) on the upper halves, and a
 level's pairs are one masked product (r * F_h) (k * F_h)^T (at h = 1 the halves are neighbours and W = 1). Every
 sum of g is a direct sum over exactly its range, so every exponent is <= 0 (rule 1): the product of a 0/1 mask
-with g cut into bfloat16 pieces (`split`, `masked_sum`), each product exact, the sum float32. Masks are
+with g cut into bfloat16 pieces (`split`, `exact_product`), each product exact, the sum float32. Masks are
 [row, column] over the C rows of the sub-block.
 """
 import triton
@@ -35,30 +35,37 @@ def split(x, PIECES: tl.constexpr):
 
 
 @triton.jit
-def masked_sum(mask, x, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
-    """sum_m mask[t, m] x[m, :] for a 0/1 mask, with x = hi + mid + lo (split): every product is exact (0 or 1
-    times a bfloat16 value), so this is the float32 sum of exactly the selected terms, smallest piece first."""
+def exact_product(m, x, X_FIRST: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """m @ x (X_FIRST: x^T @ m) for a 0/1 matrix m, with x = hi + mid + lo (split): every product is exact (0 or 1
+    times a bfloat16 value), so each entry is the float32 sum of exactly the selected terms, smallest piece first."""
     hi, mid, lo = split(x, PIECES)
-    m = mask.to(tl.float32)
     if PIECES == 3:
-        out = mm(m, lo, MASK_PREC) + mm(m, mid, MASK_PREC)
+        out = piece_product(m, lo, X_FIRST, MASK_PREC) + piece_product(m, mid, X_FIRST, MASK_PREC)
     else:
-        out = mm(m, mid, MASK_PREC)
-    return out + mm(m, hi, MASK_PREC)
+        out = piece_product(m, mid, X_FIRST, MASK_PREC)
+    return out + piece_product(m, hi, X_FIRST, MASK_PREC)
+
+
+@triton.jit
+def piece_product(m, piece, X_FIRST: tl.constexpr, MASK_PREC: tl.constexpr):
+    if X_FIRST:
+        return mm(tl.trans(piece), m, MASK_PREC)
+    else:
+        return mm(m, piece, MASK_PREC)
+
+
+@triton.jit
+def masked_sum(mask, x, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """sum_m mask[t, m] x[m, :] for a 0/1 mask, exact in pieces (exact_product)."""
+    return exact_product(mask.to(tl.float32), x, False, PIECES, MASK_PREC)
 
 
 @triton.jit
 def column_sums(x, R: tl.constexpr, BV: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """(columns of x, BV) tile whose row i holds sum_t x[t, i] (over the R rows of x) in every column: x^T times
-    ones, in the exact pieces of masked_sum, so the result is in the layout of a product (no reduction across
+    ones, exact in pieces (exact_product), so the result is in the layout of a product (no reduction across
     warps)."""
-    hi, mid, lo = split(x, PIECES)
-    ones = tl.full([R, BV], 1.0, tl.float32)
-    if PIECES == 3:
-        out = mm(tl.trans(lo), ones, MASK_PREC) + mm(tl.trans(mid), ones, MASK_PREC)
-    else:
-        out = mm(tl.trans(mid), ones, MASK_PREC)
-    return out + mm(tl.trans(hi), ones, MASK_PREC)
+    return exact_product(tl.full([R, BV], 1.0, tl.float32), x, True, PIECES, MASK_PREC)
 
 
 @triton.jit
