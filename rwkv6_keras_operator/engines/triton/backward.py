@@ -30,7 +30,7 @@ included), as for the true gradient.
 import triton
 import triton.language as tl
 
-from .common import exp, g_rows, head_base, load_rows, load_rows_cached, mm, row_base, store_rows
+from .common import G_ZERO, exp, g_rows, head_base, load_rows, load_rows_cached, mm, row_base, store_rows
 from .forward import step_over, sub_block, sub_block_start
 from .levels import after, before, exp_before, exp_after, masked_sum, pair_grads
 
@@ -40,7 +40,7 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
                     dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr,
                     T, H, NC, stride_t, has_s0,
                     N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
-                    SPREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+                    PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     pid = tl.program_id(0)
     bh, c, J = sub_block(pid, NC, L, C)
     b = bh // H
@@ -56,7 +56,7 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     v = load_rows(v_ptr, base, rows, T, cols, stride_t)
     dy = load_rows(dy_ptr, base, rows, T, cols, stride_t)
     vdy = tl.sum(dy * v, 1)                                                # dA[t, t]
-    A, DR, DK, DG = pair_grads(r, k, mm(dy, tl.trans(v), PREC), g, C, LOG_C, PREC, PIECES, MASK_PREC)
+    A, DR, DK, DG = pair_grads(r, k, mm(dy, tl.trans(v), PREC), g, C, LOG_C, PREC, PIECES, DG_PIECES, MASK_PREC)
     # v and dy again, from L2 (a load of its own): not held in registers through the levels
     v = load_rows_cached(v_ptr, base, rows, T, cols, stride_t, ".cg")
     dy = load_rows_cached(dy_ptr, base, rows, T, cols, stride_t, ".cg")
@@ -64,24 +64,24 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     bonus = u[None, :] * vdy[:, None]
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)
     S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s0, base, T, stride_t, cols, cols,
-                        N, C, LOG_C, SPREC, PIECES, MASK_PREC)
-    x_state = exp_before(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), SPREC)    # pre_t * (S_J dy_t)
+                        N, C, LOG_C, PREC, PIECES, MASK_PREC)
+    x_state = exp_before(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), PREC)    # pre_t * (S_J dy_t)
     store_rows(dr_ptr, base, rows, T, cols, stride_t, DR + bonus * k + x_state)
-    DG += masked_sum(after(C, LOG_C), r * x_state, PIECES, MASK_PREC)      # sum over t > m
+    DG += masked_sum(after(C, LOG_C), r * x_state, DG_PIECES, MASK_PREC)      # sum over t > m
     # through the gradient of the state at the sub-block's end: dE_J (suf_s holds d_m for m > s)
     dE = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + cols[:, None] * N + cols[None, :])
     for i in range(L // C - 1 - J):
         dE = step_over(dE, r_ptr, dy_ptr, w_ptr, base, (L // C - 1 - i) * C, T, stride_t, cols, cols, C, LOG_C,
-                       SPREC, PIECES, MASK_PREC, True)
+                       PREC, PIECES, MASK_PREC, True)
     suf = exp_after(g, LOG_C, C, PIECES, MASK_PREC)
-    kap = mm(v, tl.trans(dE), SPREC)                                       # dE_J v_s
+    kap = mm(v, tl.trans(dE), PREC)                                       # dE_J v_s
     kq = k * suf
     store_rows(dk_ptr, base, rows, T, cols, stride_t, DK + bonus * r + suf * kap)
-    dv = mm(tl.trans(A), dy, PREC) + tl.sum(r * u[None, :] * k, 1)[:, None] * dy + mm(kq, dE, SPREC)
+    dv = mm(tl.trans(A), dy, PREC) + tl.sum(r * u[None, :] * k, 1)[:, None] * dy + mm(kq, dE, PREC)
     store_rows(dv_ptr, base, rows, T, cols, stride_t, dv)
-    DG += masked_sum(before(C, LOG_C), kq * kap, PIECES, MASK_PREC)        # sum over s < m
+    DG += masked_sum(before(C, LOG_C), kq * kap, DG_PIECES, MASK_PREC)        # sum over s < m
     DG += (exp(tl.sum(g, 0)) * tl.sum(S * dE, 1))[None, :]             # the state through the whole sub-block
-    store_rows(dw_ptr, base, rows, T, cols, stride_t, tl.where(tl.exp(g) > 0.0, DG * g, 0.0))
+    store_rows(dw_ptr, base, rows, T, cols, stride_t, tl.where(g > G_ZERO, DG * g, 0.0))
     # du partials: (B * H * NC * L / C, N), one row a program, summed by the caller
     tl.store(du_ptr + pid.to(tl.int64) * N + cols, tl.sum(r * k * vdy[:, None], 0))
 

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+# exp(g) is 0.0 in float32 for g below log(2^-150) (half the smallest subnormal): a decay of exactly 0.
+G_ZERO = tl.constexpr(-103.97208)
 # exp(-exp(60)) is exactly 0.0 in float32, as is the true decay of any larger w: the clamp changes no value and
 # keeps g = -exp(w) finite (docs/math.md rule 4; engines/portable/chunked.py: W_MAX).
 W_MAX = tl.constexpr(60.0)
@@ -28,18 +30,20 @@ LOG2E = tl.constexpr(1.4426950408889634)
 class Precisions(NamedTuple):
     """How the kernels multiply, for one input dtype (docs/math.md, rule 3):
 
-    PREC       products inside a chunk: "bf16" rounds the operands to bfloat16 (bfloat16 inputs), "tf32"
-               (float16 inputs: bfloat16 would drop 3 of their bits), "tf32x3" (float32 inputs: float32-exact);
-    SPREC      products with a state or its gradient: never below tf32 (a state may grow past float16's range
-               and carries the whole past);
+    PREC       every product of tiles but the masked sums: "bf16" rounds the operands to bfloat16 (bfloat16 inputs;
+               bfloat16 has float32's range, so a state rounded to it as an operand neither overflows nor loses more
+               than the inputs' own 8 bits), "tf32" (float16 inputs: bfloat16 would drop 3 of their bits), "tf32x3"
+               (float32 inputs: float32-exact). The state itself, g and every sum stay float32;
     MASK_PREC  the masked sums of levels.py (exact in bfloat16: 0/1 times bfloat16 pieces);
-    PIECES     bfloat16 pieces of g and of the gradient sums: 3 (all 24 bits) for float32 inputs, 2 (16 bits)
-               for 16-bit inputs, whose own values carry 8 to 11.
+    PIECES     bfloat16 pieces of g in its masked sums: 3 (all 24 bits) for float32 inputs, 2 (16 bits) for 16-bit
+               inputs, whose own values carry 8 to 11 (the error of exp(sum g) grows with |sum g|: docs/math.md);
+    DG_PIECES  bfloat16 pieces of the terms of dg in their masked sums: 3 for float32, 2 for float16 inputs, 1 for
+               bfloat16 inputs, whose products round each term to 8 bits already (PREC = "bf16").
     """
     PREC: str
-    SPREC: str
     MASK_PREC: str
     PIECES: int
+    DG_PIECES: int
 
     def kernel_args(self):
         return self._asdict()
@@ -50,10 +54,11 @@ def precisions(dtype, compiled=True):
     (compiled=False) every product is an IEEE float32 product: its bfloat16 tl.dot is unreliable, and the values
     of the pieces are bfloat16 either way."""
     pieces = 3 if dtype == "float32" else 2
+    dg_pieces = {"float32": 3, "float16": 2, "bfloat16": 1}[dtype]
     if not compiled:
-        return Precisions("ieee", "ieee", "ieee", pieces)
+        return Precisions("ieee", "ieee", pieces, dg_pieces)
     prec = {"float32": "tf32x3", "bfloat16": "bf16", "float16": "tf32"}[dtype]
-    return Precisions(prec, "tf32x3" if dtype == "float32" else "tf32", "bf16", pieces)
+    return Precisions(prec, "bf16", pieces, dg_pieces)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ A row is a later member t at a level where it lies in a lower half and an earlie
 upper half, never both: so one tile F_h holds exp(pre_h) on the lower and exp(suf_h) on the upper halves, and a
 level's pairs are one masked product (r * F_h) (k * F_h)^T (at h = 1 the halves are neighbours and W = 1). Every
 sum of g is a direct sum over exactly its range, so every exponent is <= 0 (rule 1): the product of a 0/1 mask
-with g cut into bfloat16 pieces (`split`, `exact_product`), each product exact, the sum float32. Masks are
+with g cut into bfloat16 pieces (`exact_product`), each product exact, the sum float32. Masks are
 [row, column] over the C rows of the sub-block.
 """
 import triton
@@ -21,29 +21,23 @@ from .common import exp, mm
 
 
 @triton.jit
-def split(x, PIECES: tl.constexpr):
-    """hi, mid, lo: float32 tiles of bfloat16 values with hi + mid + lo = x to 24 bits (PIECES = 3) or 16 bits
-    (PIECES = 2: lo = 0)."""
-    hi = x.to(tl.bfloat16).to(tl.float32)
-    rest = x - hi
-    mid = rest.to(tl.bfloat16).to(tl.float32)
-    if PIECES == 3:
-        lo = (rest - mid).to(tl.bfloat16).to(tl.float32)
-    else:
-        lo = tl.zeros_like(x)
-    return hi, mid, lo
-
-
-@triton.jit
 def exact_product(m, x, X_FIRST: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
-    """m @ x (X_FIRST: x^T @ m) for a 0/1 matrix m, with x = hi + mid + lo (split): every product is exact (0 or 1
-    times a bfloat16 value), so each entry is the float32 sum of exactly the selected terms, smallest piece first."""
-    hi, mid, lo = split(x, PIECES)
-    if PIECES == 3:
-        out = piece_product(m, lo, X_FIRST, MASK_PREC) + piece_product(m, mid, X_FIRST, MASK_PREC)
+    """m @ x (X_FIRST: x^T @ m) for a 0/1 matrix m, with x cut into PIECES bfloat16 pieces hi + mid + lo (24 bits
+    of x with 3 pieces, 16 with 2, 8 with 1): every product is exact (0 or 1 times a bfloat16 value), so each entry is
+    the float32 sum of exactly the selected terms, smallest piece first."""
+    hi = x.to(tl.bfloat16).to(tl.float32)
+    if PIECES == 1:
+        out = piece_product(m, hi, X_FIRST, MASK_PREC)
     else:
-        out = piece_product(m, mid, X_FIRST, MASK_PREC)
-    return out + piece_product(m, hi, X_FIRST, MASK_PREC)
+        rest = x - hi
+        mid = rest.to(tl.bfloat16).to(tl.float32)
+        if PIECES == 3:
+            low = piece_product(m, (rest - mid).to(tl.bfloat16).to(tl.float32), X_FIRST, MASK_PREC) + \
+                piece_product(m, mid, X_FIRST, MASK_PREC)
+        else:
+            low = piece_product(m, mid, X_FIRST, MASK_PREC)
+        out = low + piece_product(m, hi, X_FIRST, MASK_PREC)
+    return out
 
 
 @triton.jit
@@ -69,47 +63,61 @@ def column_sums(x, R: tl.constexpr, BV: tl.constexpr, PIECES: tl.constexpr, MASK
 
 
 @triton.jit
+def in_range(C: tl.constexpr, lo, hi, ROWS: tl.constexpr):
+    """[C x C] mask: ROWS: row i holds the columns lo[i] <= j < hi[i]; else column j holds the rows lo[j] <= i < hi[j]
+    (each compare is one instruction against a per-row / per-column bound)."""
+    i = tl.arange(0, C)
+    if ROWS:
+        return (i[None, :] >= lo[:, None]) & (i[None, :] < hi[:, None])
+    else:
+        return (i[:, None] >= lo[None, :]) & (i[:, None] < hi[None, :])
+
+
+@triton.jit
 def before(C: tl.constexpr, shift):
     """[t, m]: m comes before t inside t's block of 2^shift rows (shift = LOG_C: the whole sub-block)."""
-    t = tl.arange(0, C)[:, None]
-    m = tl.arange(0, C)[None, :]
-    return (m < t) & ((t >> shift) == (m >> shift))
+    t = tl.arange(0, C)
+    return in_range(C, (t >> shift) << shift, t, True)
 
 
 @triton.jit
 def after(C: tl.constexpr, shift):
     """[t, m]: m comes after t inside t's block of 2^shift rows."""
-    t = tl.arange(0, C)[:, None]
-    m = tl.arange(0, C)[None, :]
-    return (m > t) & ((t >> shift) == (m >> shift))
+    t = tl.arange(0, C)
+    return in_range(C, t + 1, ((t >> shift) + 1) << shift, True)
 
 
 @triton.jit
 def pairs(C: tl.constexpr, shift):
     """[t, s]: the pairs of level 2^shift: t in the lower, s in the upper half of one block of 2^(shift+1) rows."""
-    t = tl.arange(0, C)[:, None]
-    s = tl.arange(0, C)[None, :]
-    return ((t >> (shift + 1)) == (s >> (shift + 1))) & ((t >> shift) != (s >> shift)) & (t > s)
+    t = tl.arange(0, C)
+    lo = (t >> (shift + 1)) << (shift + 1)
+    return in_range(C, lo, tl.where(((t >> shift) & 1) == 1, lo + (1 << shift), lo), True)
 
 
 @triton.jit
-def spanned(q, m, shift):
-    """Row q's level-2^shift factor holds d_m: m in q's own h-block, before q where q lies in a lower half (q is a
-    later member t: pre_h) and after q where it lies in an upper half (an earlier member s: suf_h)."""
+def span_bounds(C: tl.constexpr, shift):
+    """[lo_q, hi_q): the rows m whose d_m row q's level-2^shift factor holds: in q's own h-block, before q where q
+    lies in a lower half (q is a later member t: pre_h) and after q where it lies in an upper half (an earlier
+    member s: suf_h)."""
+    q = tl.arange(0, C)
+    blk = (q >> shift) << shift
     lower = ((q >> shift) & 1) == 1
-    return ((m >> shift) == (q >> shift)) & tl.where(lower, m < q, m > q)
+    return tl.where(lower, blk, q + 1), tl.where(lower, q, blk + (1 << shift))
 
 
 @triton.jit
 def spans(C: tl.constexpr, shift):
     """[m, q]: the level-2^shift term of row q holds d_m (the mask that gathers a level's part of dg)."""
-    return spanned(tl.arange(0, C)[None, :], tl.arange(0, C)[:, None], shift)
+    lo, hi = span_bounds(C, shift)
+    return in_range(C, lo, hi, False)
 
 
 @triton.jit
 def level_factor(g, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """F_h for h = 2^shift (C x N, every factor <= 1): exp(pre_h) on lower-half rows, exp(suf_h) on upper-half rows."""
-    return exp(masked_sum(spanned(tl.arange(0, C)[:, None], tl.arange(0, C)[None, :], shift), g, PIECES, MASK_PREC))
+    lo, hi = span_bounds(C, shift)
+    return exp(masked_sum(in_range(C, lo, hi, True), g, PIECES, MASK_PREC))
 
 
 @triton.jit
@@ -138,7 +146,7 @@ def pair_scores(r, k, g, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexp
 
 @triton.jit
 def pair_grads(r, k, dA, g, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
-               PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+               PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """The pairs' parts of the backward, level by level, with dA[t, s] = dy_t . v_s:
 
         A[t, s]            (for dv; as pair_scores)
@@ -162,7 +170,7 @@ def pair_grads(r, k, dA, g, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.const
         part_r = mm(dA_h, kq, PREC) * F                      # non-zero on lower halves only (rows t)
         part_k = mm(tl.trans(dA_h), rq, PREC) * F            # on upper halves only (rows s)
         # r * part_r lives on the lower halves, k * part_k on the upper halves: one masked sum takes both
-        DG += masked_sum(spans(C, shift), r * part_r + k * part_k, PIECES, MASK_PREC)
+        DG += masked_sum(spans(C, shift), r * part_r + k * part_k, DG_PIECES, MASK_PREC)
         DR += part_r
         DK += part_k
     return A, DR, DK, DG

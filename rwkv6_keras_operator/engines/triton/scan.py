@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import exp, g_rows, head_base, load_rows, row_base
+from .common import exp, g_rows, head_base, load_rows, mm, row_base
 from .levels import after, before, column_sums, masked_sum
 
 
@@ -79,7 +79,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
         # reduction over the rows crosses warps; it held 36% of the scan's stall samples, H200 profile)
         tot = column_sums(g, L, BV, PIECES, MASK_PREC)
         aq = a * exp(D)
-        S = exp(tot) * S + tl.dot(tl.trans(aq), bm, input_precision=PREC)
+        S = exp(tot) * S + mm(tl.trans(aq), bm, PREC)
         log += tot
         if not REVERSE and G > 1:   # the decay from the start of the segment to the end of chunk c
             tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, log, mask=per_key)
@@ -184,7 +184,7 @@ def launch_scan(a, b, w, init, out, chunks, reverse, precisions, L):
         a, b, w, init_arg, out_arg, chunks, seg, seg_log, cum,
         T, H, NC, SEG, H * N, int(init is not None),
         N=N, L=L, LOG_L=L.bit_length() - 1, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None,
-        PREC=precisions.SPREC, PIECES=precisions.PIECES,
+        PREC=precisions.PREC, PIECES=precisions.PIECES,
         MASK_PREC=precisions.MASK_PREC, num_warps=warps, num_stages=stages)
     if G > 1:
         combine_kernel[(B * H,) + tiles](init_arg, out_arg, seg, seg_log, int(init is not None),
