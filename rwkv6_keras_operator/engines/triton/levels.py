@@ -51,7 +51,11 @@ def piece_product(m, piece, X_FIRST: tl.constexpr, MASK_PREC: tl.constexpr):
 @triton.jit
 def masked_sum(mask, x, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """sum_m mask[t, m] x[m, :] for a 0/1 mask, exact in pieces (exact_product)."""
-    return exact_product(mask.to(tl.float32), x, False, PIECES, MASK_PREC)
+    if MASK_PREC == "bf16":
+        m = tl.where(mask, 1.0, 0.0).to(tl.bfloat16)     # straight to the product's operand type
+    else:
+        m = mask.to(tl.float32)
+    return exact_product(m, x, False, PIECES, MASK_PREC)
 
 
 @triton.jit
