@@ -133,10 +133,12 @@ def resolve_prec(dtype, mode=None):
 
 
 def state_prec(prec):
-    """Precision of the products with a state (or its gradient): never rounded to 16 bits. A state may grow to
-    any size (with decays of exactly 1 it sums every k v^T of the sequence), past float16's range, and it carries
-    the whole past: tf32 at least."""
-    return "tf32" if prec in ("bf16", "f16") else prec
+    """Precision of the products with a state (or its gradient). The state itself stays float32; as an operand it is
+    rounded like the inputs' own products for bfloat16 ("bf16": bfloat16 has float32's range, so nothing overflows,
+    and its 8 bits are those of the inputs), never to float16: a state may grow to any size (with decays of exactly
+    1 it sums every k v^T of the sequence), past float16's range, so "f16" gives tf32. The Triton engine does the
+    same (engines/triton/common.py, Precisions)."""
+    return "tf32" if prec == "f16" else prec
 
 
 def mm(a, b, prec, ta=False, tb=False):
@@ -178,8 +180,10 @@ def log_decay(w):
 
 
 def split3(x, pieces=3):
-    """bfloat16 tiles whose sum is the float32 tile x: 3 pieces carry all 24 bits (exact), 2 carry 16."""
+    """bfloat16 tiles whose sum is the float32 tile x: 3 pieces carry all 24 bits (exact), 2 carry 16, 1 carries 8."""
     hi = x.astype(BF16)
+    if pieces == 1:
+        return (hi,)
     rest = x - hi.astype(F32)
     mid = rest.astype(BF16)
     if pieces == 2:
@@ -193,6 +197,12 @@ def pieces(prec):
     mean a relative error of at most 2^-17 |sum g| in a factor exp(sum g) (below 3e-4 for every factor above e^-30,
     against the 2^-9 of bfloat16 inputs; docs/math.md, rule 3)."""
     return 3 if prec in ("tf32x3", "ieee") else 2
+
+
+def dg_pieces(prec):
+    """Pieces of split3 for the gradient sums of dg: as pieces(prec), but one for bfloat16 products ("bf16"), whose
+    operands round every term of dg to 8 bits already (the Triton engine: Precisions.DG_PIECES)."""
+    return 1 if prec == "bf16" else pieces(prec)
 
 
 def masked_sum(mask, parts):
@@ -213,50 +223,58 @@ def masked_sum(mask, parts):
 # --------------------------------------------------------------------------------------------------------
 # Masks over positions of one chunk of L tokens (t, s, m in [0, L)).
 # --------------------------------------------------------------------------------------------------------
-def grid2(L):
-    i = jnp.arange(L, dtype=jnp.int32)
-    return i[:, None], i[None, :]
-
-
 def log2(L):
     k = L.bit_length() - 1
     assert L == 1 << k, L
     return k
 
 
+def in_range(L, lo, hi, rows=True):
+    """[L x L] mask: (rows) row i holds the columns lo[i] <= j < hi[i]; (not rows) column j holds the rows
+    lo[j] <= i < hi[j]. Each entry is two compares against a bound of its row or column (as cheap as a mask gets
+    in the layout of a product's operand, where every warp holds the whole tile)."""
+    i = jnp.arange(L, dtype=jnp.int32)
+    if rows:
+        return (i[None, :] >= lo[:, None]) & (i[None, :] < hi[:, None])
+    return (i[:, None] >= lo[None, :]) & (i[:, None] < hi[None, :])
+
+
 def before_mask(L, shift):
     """[t, m]: m lies before t inside t's block of h = 2**shift positions (shift may be traced)."""
-    t, m = grid2(L)
-    return (m < t) & ((t >> shift) == (m >> shift))
+    t = jnp.arange(L, dtype=jnp.int32)
+    return in_range(L, (t >> shift) << shift, t)
 
 
 def after_mask(L, shift):
     """[s, m]: m lies after s inside s's block of h = 2**shift positions."""
-    s, m = grid2(L)
-    return (m > s) & ((s >> shift) == (m >> shift))
+    s = jnp.arange(L, dtype=jnp.int32)
+    return in_range(L, s + 1, ((s >> shift) + 1) << shift)
 
 
 def pair_mask(L, shift):
-    """[t, s]: the pairs split at level h = 2**shift: t in the lower, s in the upper half of a 2h-block."""
-    t, s = grid2(L)
-    return ((t >> (shift + 1)) == (s >> (shift + 1))) & ((t >> shift) != (s >> shift)) & (t > s)
+    """[t, s]: the pairs split at level h = 2**shift: t in the lower, s in the upper half of a 2h-block (rows t of
+    upper halves hold none)."""
+    t = jnp.arange(L, dtype=jnp.int32)
+    lo = (t >> (shift + 1)) << (shift + 1)
+    return in_range(L, lo, jnp.where(((t >> shift) & 1) == 1, lo + (1 << shift), lo))
 
 
-def spanned(q, m, shift):
-    """Position q's level-2**shift factor holds d_m: m in q's own h-block, before q where q lies in a lower half (q
-    is a later member t of a pair: pre_h) and after q where it lies in an upper half (an earlier member s: suf_h)."""
+def span_bounds(L, shift):
+    """[lo_q, hi_q): the positions m whose d_m position q's level-2**shift factor holds: m in q's own h-block, before
+    q where q lies in a lower half (q is a later member t of a pair: pre_h) and after q where it lies in an upper half
+    (an earlier member s: suf_h)."""
+    q = jnp.arange(L, dtype=jnp.int32)
+    blk = (q >> shift) << shift
     lower = ((q >> shift) & 1) == 1
-    return ((m >> shift) == (q >> shift)) & jnp.where(lower, m < q, m > q)
+    return jnp.where(lower, blk, q + 1), jnp.where(lower, q, blk + (1 << shift))
 
 
 def level_mask(L, shift):
     """[q, m]: the range of g summed into q's level-2**shift factor (intra.ChunkKeys.level)."""
-    q, m = grid2(L)
-    return spanned(q, m, shift)
+    return in_range(L, *span_bounds(L, shift))
 
 
 def span_mask(L, shift):
     """[m, q]: for the pairs of level h = 2**shift, q is a position whose term spans m: q after m in a
     lower half (q is the later member t of a pair), or q before m in an upper half (q is the earlier s)."""
-    m, q = grid2(L)
-    return spanned(q, m, shift)
+    return in_range(L, *span_bounds(L, shift), rows=False)

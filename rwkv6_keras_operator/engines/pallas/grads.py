@@ -54,7 +54,7 @@ def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
     for v, dy in zip(vs, dys):
         dA = _add(dA, core.mm(dy, v, prec, tb=True))
         e = _add(e, jnp.sum(dy * v, axis=1, keepdims=True))
-    K, npc, sprec = core.log2(L), core.pieces(prec), core.state_prec(prec)
+    K, npc, sprec = core.log2(L), core.dg_pieces(prec), core.state_prec(prec)
     after, before = core.after_mask(L, K), core.before_mask(L, K)
 
     A = diag = None
