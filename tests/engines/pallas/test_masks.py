@@ -1,0 +1,30 @@
+"""The masks of core.py against their entry-by-entry definitions (tests/mask_definitions.py), for every level of a
+chunk, with the level a Python int (unrolled level loops) and a traced int32 (fori_loop)."""
+import numpy as np
+import pytest
+
+from tests import mask_definitions
+from tests.helpers import BACKEND
+
+if BACKEND != "jax":
+    pytest.skip(f"the Pallas engine runs under the jax backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
+jax = pytest.importorskip("jax")
+pytest.importorskip("jax.experimental.pallas.triton", reason="this jax has no Pallas Triton backend")
+import jax.numpy as jnp  # noqa: E402
+
+from rwkv6_keras_operator.engines.pallas import core  # noqa: E402
+
+MASKS = {"before": core.before_mask, "after": core.after_mask, "pairs": core.pair_mask,
+         "spanned": core.level_mask, "spans": core.span_mask}
+
+
+@pytest.mark.parametrize("L", [16, 32, 64])
+@pytest.mark.parametrize("traced", [False, True])
+def test_masks_match_their_definitions(L, traced):
+    for name, mask in MASKS.items():
+        fn = jax.jit(lambda s, mask=mask: mask(L, s)) if traced else (lambda s, mask=mask: mask(L, s))
+        for shift in range(L.bit_length()):
+            got = np.asarray(fn(jnp.int32(shift) if traced else shift))
+            want = mask_definitions.ALL[name](L, shift)
+            bad = np.argwhere(got != want)
+            assert bad.size == 0, f"{name}, L={L}, shift={shift}: {len(bad)} entries differ, first {bad[0]}"

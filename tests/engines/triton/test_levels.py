@@ -1,0 +1,49 @@
+"""The masks of levels.py against their entry-by-entry definitions (tests/mask_definitions.py), for every level of a
+sub-block, with the level given at run time as in the kernels' level loop. Compiled on a CUDA machine, under the
+Triton interpreter on CPU tensors otherwise (TRITON_INTERPRET=1, as scripts/test.sh sets it)."""
+import os
+
+import numpy as np
+import pytest
+
+from tests import mask_definitions
+from tests.helpers import BACKEND
+
+if BACKEND != "torch":
+    pytest.skip(f"the Triton engine runs under the torch backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
+torch = pytest.importorskip("torch")
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device: run with TRITON_INTERPRET=1 to check the Triton kernels on CPU",
+                allow_module_level=True)
+import triton.language as tl  # noqa: E402
+
+from rwkv6_keras_operator.engines.triton import levels  # noqa: E402
+
+NAMES = ["before", "after", "pairs", "spanned", "spans"]
+
+
+@triton.jit
+def _masks_kernel(out_ptr, shift, C: tl.constexpr):
+    i = tl.arange(0, C)
+    offs = i[:, None] * C + i[None, :]
+    lo, hi = levels.span_bounds(C, shift)
+    tl.store(out_ptr + offs, levels.before(C, shift).to(tl.int32))
+    tl.store(out_ptr + C * C + offs, levels.after(C, shift).to(tl.int32))
+    tl.store(out_ptr + 2 * C * C + offs, levels.pairs(C, shift).to(tl.int32))
+    tl.store(out_ptr + 3 * C * C + offs, levels.in_range(C, lo, hi, True).to(tl.int32))   # as level_factor
+    tl.store(out_ptr + 4 * C * C + offs, levels.spans(C, shift).to(tl.int32))
+
+
+@pytest.mark.parametrize("C", [16, 32, 64])
+def test_masks_match_their_definitions(C):
+    device = "cuda" if CUDA else "cpu"
+    for shift in range(C.bit_length()):        # every level, and shift = log2(C): the whole sub-block
+        out = torch.full((len(NAMES), C, C), -1, dtype=torch.int32, device=device)
+        _masks_kernel[(1,)](out, shift, C=C)
+        got = out.cpu().numpy()
+        for n, name in enumerate(NAMES):
+            want = mask_definitions.ALL[name](C, shift)
+            bad = np.argwhere(got[n] != want)
+            assert bad.size == 0, f"{name}, C={C}, shift={shift}: {len(bad)} entries differ, first [t, s] = {bad[0]}"
