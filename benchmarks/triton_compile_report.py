@@ -32,7 +32,8 @@ def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            fp32 = name in ("u_ptr", "s0_ptr", "states_ptr", "dstates_ptr", "du_ptr")
+            fp32 = name in ("u_ptr", "s0_ptr", "du_ptr") or (name in ("states_ptr", "dstates_ptr") and
+                                                             dtype != "bfloat16")   # binding.states_dtype
             signature[name] = "*" + ("fp32" if fp32 else TYPES[dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:

@@ -69,7 +69,7 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     store_rows(dr_ptr, base, rows, T, cols, stride_t, DR + bonus * k + x_state)
     DG += masked_sum(after(C, LOG_C), r * x_state, DG_PIECES, MASK_PREC)      # sum over t > m
     # through the gradient of the state at the sub-block's end: dE_J (suf_s holds d_m for m > s)
-    dE = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + cols[:, None] * N + cols[None, :])
+    dE = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + cols[:, None] * N + cols[None, :]).to(tl.float32)
     for i in range(L // C - 1 - J):
         dE = step_over(dE, r_ptr, dy_ptr, w_ptr, base, (L // C - 1 - i) * C, T, stride_t, cols, cols, C, LOG_C,
                        PREC, PIECES, MASK_PREC, True)

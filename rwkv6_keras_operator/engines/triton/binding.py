@@ -5,8 +5,9 @@ anywhere: shapes alone decide every launch).
     rwkv6_triton::forward(r, k, v, w, u, s0?) -> (y, state, states)
     rwkv6_triton::backward(r, k, v, w, u, s0?, states, dy, dstate?) -> (dr, dk, dv, dw, du, ds0)
 
-`states` holds the start state of chunks 1 .. NC-1 (B, H, NC-1, N, N) float32: with the inputs, all the forward
-saves for the backward (the start of chunk 0 is s0 itself). T == 1 runs the one-step kernel (decode).
+`states` holds the start state of chunks 1 .. NC-1 (B, H, NC-1, N, N): with the inputs, all the forward saves for
+the backward (the start of chunk 0 is s0 itself); float32, or bfloat16 for bfloat16 inputs (`states_dtype`).
+T == 1 runs the one-step kernel (decode).
 """
 from typing import Optional
 
@@ -21,6 +22,14 @@ from .scan import launch_scan
 
 CHUNK = 32     # L: tokens per chunk (one stored state each)
 SUB = 32       # C: rows per sub-block (one binary tree of levels; levels.py)
+
+
+def states_dtype(x):
+    """dtype of the chunk states the scans store for the chunk kernels (and of their gradients, dstates): bfloat16
+    for bfloat16 inputs, whose products round the state to bfloat16 anyway (common.Precisions), so a stored
+    bfloat16 copy gives the same products at half the traffic; float32 otherwise. The scans carry every state in
+    float32, and the final state and the gradient of s0 are float32 always."""
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
 
 
 def _precisions(x):
@@ -51,7 +60,7 @@ def forward_impl(r, k, v, w, u, s0):
     s0 = None if s0 is None else s0.to(torch.float32).contiguous()
     y = torch.empty(r.shape, dtype=r.dtype, device=r.device)
     state = torch.empty((B, H, N, N), dtype=torch.float32, device=r.device)
-    states = torch.empty((B, H, _n_chunks(T) - 1, N, N), dtype=torch.float32, device=r.device)
+    states = torch.empty((B, H, _n_chunks(T) - 1, N, N), dtype=states_dtype(r), device=r.device)
     with _device(r):
         if T == 1:
             launch_step(r, k, v, w, u, s0, y, state)
@@ -71,7 +80,7 @@ def backward_impl(r, k, v, w, u, s0, states, dy, dstate):
     dy = dy.to(r.dtype).contiguous()
     dstate = None if dstate is None else dstate.to(torch.float32).contiguous()
     dev = r.device
-    dstates = torch.empty((B, H, NC, N, N), dtype=torch.float32, device=dev)
+    dstates = torch.empty((B, H, NC, N, N), dtype=states_dtype(r), device=dev)
     ds0 = torch.empty((B, H, N, N) if s0 is not None else (0,), dtype=torch.float32, device=dev)
     dr, dk, dv, dw = (torch.empty(r.shape, dtype=r.dtype, device=dev) for _ in range(4))
     du_part = torch.empty((B, H, NC * (CHUNK // SUB), N), dtype=torch.float32, device=dev)   # one row a program
@@ -92,7 +101,7 @@ def forward_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
 def _forward_fake(r, k, v, w, u, s0):
     B, T, H, N = r.shape
     return (r.new_empty(r.shape), r.new_empty((B, H, N, N), dtype=torch.float32),
-            r.new_empty((B, H, (T + CHUNK - 1) // CHUNK - 1, N, N), dtype=torch.float32))
+            r.new_empty((B, H, (T + CHUNK - 1) // CHUNK - 1, N, N), dtype=states_dtype(r)))
 
 
 @torch.library.custom_op("rwkv6_triton::backward", mutates_args=())

@@ -57,7 +57,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
         if REVERSE:
             c = first + count - 1 - step
             # gradient w.r.t. the state at the end of chunk c
-            tl.store(chunks_ptr + (bh.to(tl.int64) * NC + c) * N * N + soffs, S)
+            tl.store(chunks_ptr + (bh.to(tl.int64) * NC + c) * N * N + soffs, S.to(chunks_ptr.dtype.element_ty))
         else:
             c = first + step
         if REVERSE and G > 1:   # the decay from the end of chunk c to the end of the segment
@@ -85,8 +85,8 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
             tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, log, mask=per_key)
         if not REVERSE:
             # state at the start of chunk c + 1 (none stored after the last chunk: that is the final state)
-            tl.store(chunks_ptr + (bh.to(tl.int64) * (NC - 1) + c) * N * N + soffs, S,
-                     mask=(soffs * 0 + c) < NC - 1)
+            tl.store(chunks_ptr + (bh.to(tl.int64) * (NC - 1) + c) * N * N + soffs,
+                     S.to(chunks_ptr.dtype.element_ty), mask=(soffs * 0 + c) < NC - 1)
     if G == 1:
         if STORE_OUT:
             tl.store(out_ptr + bh.to(tl.int64) * N * N + soffs, S)
@@ -128,7 +128,8 @@ def fixup_kernel(chunks_ptr, seg_ptr, cum_ptr, NC, M, SEG, N: tl.constexpr, G: t
     offs = pid.to(tl.int64) * N * N + square
     start = tl.load(seg_ptr + (bh.to(tl.int64) * G + c // SEG) * N * N + square)
     decay = exp(tl.load(cum_ptr + (bh.to(tl.int64) * NC + c) * N + i))
-    tl.store(chunks_ptr + offs, tl.load(chunks_ptr + offs) + decay[:, None] * start)
+    fixed = tl.load(chunks_ptr + offs).to(tl.float32) + decay[:, None] * start
+    tl.store(chunks_ptr + offs, fixed.to(chunks_ptr.dtype.element_ty))
 
 
 # Launch settings override (benchmarks/gpu_torch.py, VARIANTS=1): {"many": (BK, BV, warps, stages), "few": ...,
@@ -164,7 +165,8 @@ def segments(NC, programs):
 
 def launch_scan(a, b, w, init, out, chunks, reverse, precisions, L):
     """a, b, w: (B, T, H, N); init: (B, H, N, N) float32 or None; out: (B, H, N, N) or None (not stored);
-    chunks: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward; precisions: common.Precisions."""
+    chunks: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward, float32 or bfloat16 (binding.states_dtype);
+    precisions: common.Precisions."""
     B, T, H, N = a.shape
     NC = -(-T // L)
     BK, BV, warps, stages = scan_tiles(N, B * H)
