@@ -119,13 +119,15 @@ def test_extreme_decays():
 @pytest.mark.parametrize("G", [2, 3])
 def test_segmented_scan(G):
     """The scan cut into G segments scanned at once (long sequences, few heads), combined and fixed up after:
-    T = 300 is 10 chunks, so G = 3 gives segments of 4, 4 and 2 chunks."""
+    T = 300 is 10 chunks, so G = 3 gives segments of 4, 4 and 2 chunks. bfloat16: the stored chunk states are
+    bfloat16 (binding.states_dtype), fixed up in float32."""
     from rwkv6_keras_operator.engines.triton import scan
 
     scan.TUNE["segments"] = G
     try:
         check(2, 300, 1, 16, "masks", n_state=3, state_map=[2, 0])
         check(1, 290, 1, 32, "strong", n_state=1)
+        check(1, 300, 1, 16, "masks", dtype="bfloat16", n_state=1)
     finally:
         scan.TUNE.clear()
 
