@@ -265,7 +265,7 @@ def kernels():
     ub = jnp.broadcast_to(u[None], (B, H, N))
     terms = jax.jit(lambda k, v, w: chunked.state_terms(k, v, w, L=L, prec=prec))
     X, a = terms(x4[1], x4[2], x4[3])
-    sweep = jax.jit(lambda X, a, s0: scan.scan(X, a, s0))
+    sweep = jax.jit(lambda X, a, s0: scan.scan(X, a, s0, prec=prec))
     starts, _ = sweep(X, a, s0)
     out = jax.jit(lambda r, k, v, w, u, S: chunked.output(r, k, v, w, u, S, L=L, prec=prec))
     back = jax.jit(lambda r, k, v, w, u, dy, S, D: grads.grads(r, k, v, w, u, dy, S, D, L=L, prec=prec))

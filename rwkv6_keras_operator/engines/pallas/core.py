@@ -141,6 +141,14 @@ def state_prec(prec):
     return "tf32" if prec == "f16" else prec
 
 
+def state_dtype(prec):
+    """dtype of the chunk states the scans store for the chunk kernels (and of their gradients): bfloat16 where the
+    products round them to bfloat16 anyway (state_prec "bf16"), at half the traffic; float32 otherwise. The scans
+    carry every state in float32; the final state and the gradient of s0 are float32 always (the Triton engine:
+    binding.states_dtype)."""
+    return BF16 if state_prec(prec) == "bf16" else F32
+
+
 def mm(a, b, prec, ta=False, tb=False):
     """a @ b (a^T if ta, b^T if tb) in float32, with the products at precision `prec`."""
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))

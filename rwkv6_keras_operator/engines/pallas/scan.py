@@ -40,14 +40,14 @@ def _scan_kernel(x_ref, a_ref, s0_ref, out_ref, last_ref, *, nc, BV, reverse):
     core.store(last_ref.at[b, h, :, vcols], S)
 
 
-def scan(X, a, s0, *, reverse=False):
-    """out (B, H, nc, N, N) and the final (B, H, N, N), float32."""
+def scan(X, a, s0, *, prec, reverse=False):
+    """out (B, H, nc, N, N) in core.state_dtype(prec) and the final (B, H, N, N) float32."""
     B, H, nc, N, _ = X.shape
     BV = min(core.TUNING["scan_block"], N)
     kernel = functools.partial(_scan_kernel, nc=nc, BV=BV, reverse=reverse)
     return core.call(
         kernel, grid=(N // BV, H, B), num_warps=core.TUNING["scan_warps"], num_stages=3, name="wkv6_scan",
-        out_shape=(jax.ShapeDtypeStruct(X.shape, jnp.float32),
+        out_shape=(jax.ShapeDtypeStruct(X.shape, core.state_dtype(prec)),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(X, a, s0)
 
@@ -71,8 +71,9 @@ def _fused_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, L, n
 
 
 def states(key, val, w, s0, *, L, prec, reverse=False):
-    """out (B, H, nc, N, N) and the final (B, H, N, N), float32, of the scan whose X_c = sum over the chunk's rows
-    of (key * decay) val^T (decay: to the chunk's end forward, from its start backward) and a_c = exp(tot_c)."""
+    """out (B, H, nc, N, N) in core.state_dtype(prec) and the final (B, H, N, N) float32 of the scan whose
+    X_c = sum over the chunk's rows of (key * decay) val^T (decay: to the chunk's end forward, from its start
+    backward) and a_c = exp(tot_c)."""
     B, T, H, N = key.shape
     nc = -(-T // L)
     BV = min(core.TUNING["fused_block"], N)
@@ -85,12 +86,12 @@ def states(key, val, w, s0, *, L, prec, reverse=False):
         BK = blocks(N, core.TUNING["fused_keys_few"])[0]
     if programs(BK) < core.TUNING["fused_min_programs"]:
         X, a = state_terms(key, val, w, L=L, prec=prec, reverse=reverse)
-        return scan(X, a, s0, reverse=reverse)
+        return scan(X, a, s0, prec=prec, reverse=reverse)
     kernel = functools.partial(_fused_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, prec=prec, reverse=reverse)
     return core.call(
         kernel, grid=((N // BK) * (N // BV), H, B), num_warps=core.TUNING["fused_warps"],
         num_stages=core.TUNING["fused_stages"],
         name="wkv6_state_scan",
-        out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), jnp.float32),
+        out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), core.state_dtype(prec)),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(key, val, w, s0)
