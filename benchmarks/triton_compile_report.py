@@ -1,9 +1,15 @@
 """The Triton engine's chunk kernels compiled for Hopper (sm_90) on a machine without a GPU: registers, stack
-(spills), MMA instructions and SASS lines per launch setting. A proxy, not a timing: the local triton may differ
-from the GPU machine's (benchmarks/notes_triton.md compares both), but spills and register counts move together.
+(spills), MMA instructions and SASS lines per launch setting. A proxy, not a timing. With the GPU machines' own
+triton (3.6: `pip install triton==3.6.0` in a venv with the CPU torch) the SASS is exactly the GPU's, since triton
+bundles its ptxas; with another version it may differ (benchmarks/notes_triton.md).
 
     KERAS_BACKEND=torch python benchmarks/triton_compile_report.py            # N = 64, bf16, the default chunk
     CHUNKS=32/32,64/32 WARPS=4,8 N=64 DTYPE=bfloat16 MAXNREG=128 python benchmarks/triton_compile_report.py
+    LINES=20 WARPS=4 python benchmarks/triton_compile_report.py               # + instructions a warp executes, by line
+
+LINES=K also counts the instructions a warp executes (a loop's body times its trip count: the backward kernel's
+one loop is the level loop, LOG_C - 1 trips, when L == C) and lists the K source lines that execute the most
+(`nvdisasm -gi` maps each instruction to the line of the kernel source it came from).
 """
 import os
 import re
@@ -26,7 +32,7 @@ SPECIALIZED = ("T", "H", "stride_t")   # the runtime sees them divisible by 16 a
 
 
 def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
-    """(registers, stack bytes, MMA instructions, SASS lines) of fn compiled for sm_90."""
+    """(registers, stack bytes, MMA instructions, SASS lines, cubin) of fn compiled for sm_90."""
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -51,7 +57,52 @@ def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
                                capture_output=True, text=True).stdout
         sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
     return (int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1)),
-            sass.count("HMMA"), sass.count("\n"))
+            sass.count("HMMA"), sass.count("\n"), kernel.asm["cubin"])
+
+
+def executed_by_line(cubin, trips):
+    """(instructions a warp executes, {(file, line): count}): instructions inside a loop (between a backward branch
+    and its target) count `trips` times, all others once."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        listing = subprocess.run([os.path.join(tools, "nvdisasm"), "-gi", "-c", f.name],
+                                 capture_output=True, text=True).stdout
+    code, labels, pending, where = [], {}, [], None
+    for text in listing.splitlines():
+        loc = re.search(r'//## File "([^"]+)", line (\d+)', text)
+        label = re.match(r"(\.L_x_\d+):", text)
+        if loc:
+            if "inlined at" not in text:      # the innermost source line, not the call sites above it
+                where = (os.path.basename(loc.group(1)), int(loc.group(2)))
+        elif label:
+            pending.append(label.group(1))    # a branch target: the address of the next instruction
+        else:
+            ins = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)([^;]*)", text)
+            if ins:
+                addr = int(ins.group(1), 16)
+                labels.update((name, addr) for name in pending)
+                pending = []
+                target = re.search(r"\.L_x_\d+", ins.group(3)) if ins.group(2) == "BRA" else None
+                code.append((addr, target.group(0) if target else None, where))
+    loops = [(labels[target], addr) for addr, target, _ in code if target and labels.get(target, addr + 1) < addr]
+    counts = {}
+    for addr, _, line in code:
+        n = trips if any(lo <= addr <= hi for lo, hi in loops) else 1
+        counts[line] = counts.get(line, 0) + n
+    return sum(counts.values()), counts
+
+
+def print_lines(cubin, trips, top):
+    total, counts = executed_by_line(cubin, trips)
+    print(f"    {total} instructions a warp executes; the {top} lines that execute the most:")
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "rwkv6_keras_operator", "engines", "triton")
+    for (name, line), n in sorted(((k, v) for k, v in counts.items() if k), key=lambda kv: -kv[1])[:top]:
+        path = os.path.join(source, name)
+        text = open(path).read().splitlines()[line - 1].strip() if os.path.exists(path) else ""
+        print(f"    {n:6d} {100 * n / total:5.1f}%  {name}:{line}  {text[:80]}")
 
 
 def main():
@@ -61,6 +112,7 @@ def main():
         "CHUNKS", f"{binding.CHUNK}/{binding.SUB}").split(",")]
     warps_list = [int(w) for w in os.environ.get("WARPS", "4,8").split(",")]
     maxnreg = int(os.environ["MAXNREG"]) if os.environ.get("MAXNREG") else None
+    top = int(os.environ.get("LINES", "0"))
     p = precisions(dtype)._asdict()
     print(f"N={N} {dtype} precisions {p}; triton {triton.__version__}, sm_90")
     for L, C in chunks:
@@ -68,9 +120,12 @@ def main():
         for warps in warps_list:
             for name, fn, extra, stages in (("forward", forward.forward_kernel, {"BV": N}, 2),
                                             ("backward", backward.backward_kernel, {}, 1)):
-                regs, stack, mma, lines = compile_report(fn, dtype, {**common, **extra}, warps, stages, maxnreg)
+                regs, stack, mma, lines, cubin = compile_report(fn, dtype, {**common, **extra}, warps, stages,
+                                                                maxnreg if name == "forward" or top == 0 else None)
                 print(f"{name:9s} L={L:<4d} C={C:<3d} warps {warps}: {regs} registers, {stack} B stack, "
                       f"{mma} MMA, {lines} SASS lines", flush=True)
+                if top:
+                    print_lines(cubin, C.bit_length() - 2, top)
 
 
 if __name__ == "__main__":
