@@ -1,8 +1,8 @@
 """The engine's entry point and its `jax.custom_vjp`.
 
 Forward without differentiation: the step-by-step kernel for T <= decode_max_t, else the chunked ops.
-Under differentiation the forward always runs chunked and keeps the states at the chunk starts (float32,
-(B, H, nc, N, N)) for the backward, which rebuilds everything else inside each chunk.
+Under differentiation the forward always runs chunked and keeps the states at the chunk starts ((B, H, nc, N, N),
+in core.state_dtype) for the backward, which rebuilds everything else inside each chunk.
 """
 import functools
 
