@@ -32,7 +32,9 @@ SPECIALIZED = ("T", "H", "stride_t")   # the runtime sees them divisible by 16 a
 
 
 def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
-    """(registers, stack bytes, MMA instructions, SASS lines, cubin) of fn compiled for sm_90."""
+    """(registers, stack bytes, MMA instructions, SASS lines, cubin) of fn compiled for sm_90; constexprs that fn
+    does not take are left out."""
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:

@@ -45,8 +45,9 @@ class Precisions(NamedTuple):
     PIECES: int
     DG_PIECES: int
 
-    def kernel_args(self):
-        return self._asdict()
+    def kernel_args(self, *names):
+        """The fields as a kernel's constexpr arguments: all of them, or only `names` (for a kernel that takes fewer)."""
+        return {n: v for n, v in self._asdict().items() if not names or n in names}
 
 
 def precisions(dtype, compiled=True):

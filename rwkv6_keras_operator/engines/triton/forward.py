@@ -64,7 +64,7 @@ def sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s
 def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
                    T, H, NC, stride_t, has_s0,
                    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
-                   PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+                   PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     bh, c, J = sub_block(tl.program_id(0), NC, L, C)
     b = bh // H
     h = bh % H
@@ -109,5 +109,6 @@ def launch_forward(r, k, v, w, u, s0, states, y, precisions, L, C):
     grid = (B * H * NC * (L // C), N // BV)
     forward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, y,
                          T, H, NC, H * N, int(s0 is not None),
-                         N=N, BV=BV, L=L, C=C, LOG_C=C.bit_length() - 1, **precisions.kernel_args(),
+                         N=N, BV=BV, L=L, C=C, LOG_C=C.bit_length() - 1,
+                         **precisions.kernel_args("PREC", "PIECES", "MASK_PREC"),
                          num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))

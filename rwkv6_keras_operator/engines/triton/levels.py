@@ -111,6 +111,13 @@ def span_bounds(C: tl.constexpr, shift):
 
 
 @triton.jit
+def spanned(C: tl.constexpr, shift):
+    """[q, m]: row q's level-2^shift factor holds d_m (the range of g summed into F_h)."""
+    lo, hi = span_bounds(C, shift)
+    return in_range(C, lo, hi, True)
+
+
+@triton.jit
 def spans(C: tl.constexpr, shift):
     """[m, q]: the level-2^shift term of row q holds d_m (the mask that gathers a level's part of dg)."""
     lo, hi = span_bounds(C, shift)
@@ -120,8 +127,7 @@ def spans(C: tl.constexpr, shift):
 @triton.jit
 def level_factor(g, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """F_h for h = 2^shift (C x N, every factor <= 1): exp(pre_h) on lower-half rows, exp(suf_h) on upper-half rows."""
-    lo, hi = span_bounds(C, shift)
-    return exp(masked_sum(in_range(C, lo, hi, True), g, PIECES, MASK_PREC))
+    return exp(masked_sum(spanned(C, shift), g, PIECES, MASK_PREC))
 
 
 @triton.jit

@@ -28,11 +28,10 @@ NAMES = ["before", "after", "pairs", "spanned", "spans"]
 def _masks_kernel(out_ptr, shift, C: tl.constexpr):
     i = tl.arange(0, C)
     offs = i[:, None] * C + i[None, :]
-    lo, hi = levels.span_bounds(C, shift)
     tl.store(out_ptr + offs, levels.before(C, shift).to(tl.int32))
     tl.store(out_ptr + C * C + offs, levels.after(C, shift).to(tl.int32))
     tl.store(out_ptr + 2 * C * C + offs, levels.pairs(C, shift).to(tl.int32))
-    tl.store(out_ptr + 3 * C * C + offs, levels.in_range(C, lo, hi, True).to(tl.int32))   # as level_factor
+    tl.store(out_ptr + 3 * C * C + offs, levels.spanned(C, shift).to(tl.int32))
     tl.store(out_ptr + 4 * C * C + offs, levels.spans(C, shift).to(tl.int32))
 
 
