@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ..portable.chunked import W_MAX
+from ..shared import LOG2E, W_MAX
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
@@ -168,9 +168,6 @@ def mm(a, b, prec, ta=False, tb=False):
 # --------------------------------------------------------------------------------------------------------
 # Decays (docs/math.md, rules 1-4).
 # --------------------------------------------------------------------------------------------------------
-LOG2E = 1.4426950408889634
-
-
 def exp(x):
     """exp(x) of a float32 tile. Compiled: one MUFU.EX2 on x * log2(e) (ex2.approx.ftz), the approximation the
     lowering of jnp.exp also uses, without the rescaling it adds around it for results below 2^-126: those flush to

@@ -10,6 +10,7 @@ independently, which `sharding.parallel_op` turns into vmap and SPMD rules.
 """
 import functools
 
+from .. import shared
 from . import chunked, core, grads, recurrent, scan
 from .sharding import parallel_op
 
@@ -51,11 +52,9 @@ def decode():
 
 
 def chunk_length(T, chunk):
-    """Chunk length: `chunk` (a power of two >= 16), or the power of two >= T when T is shorter."""
-    L = 16
-    while L < min(T, chunk):
-        L *= 2
-    return L
+    """Chunk length: `chunk` (a power of two >= 16), or the power of two >= T when T is shorter, at least 16 (the
+    smallest side of a tile product)."""
+    return shared.chunk_length(T, chunk, 16)
 
 
 def precision(dtype, mode=None):

@@ -23,11 +23,9 @@ decay exp(-exp(w)) is exactly 0.0 in float32 either way, and -inf (from exp(+100
 import keras
 from keras import ops
 
+from ..shared import W_MAX, chunk_length
 from .scan import chunk_states
 
-# exp(-exp(60)) underflows to exactly 0 in float32, as does the true decay for any larger w; the clamp only
-# keeps g = -exp(w) finite (g >= -1.1e26, so sums of a chunk of them stay finite too).
-W_MAX = 60.0
 CHUNK = 32
 
 
@@ -42,16 +40,8 @@ def matmul(a, b, exact):
     return ops.matmul(a, b)
 
 
-def chunk_length(T, chunk=CHUNK):
-    """Power of two <= chunk that covers short sequences without padding to a whole chunk."""
-    L = 1
-    while L < min(T, chunk):
-        L *= 2
-    return L
-
-
 def log_decay(w):
-    """g = -exp(w) in float32, finite for any w (see W_MAX)."""
+    """g = -exp(w) in float32, finite for any w (see shared.W_MAX)."""
     return -ops.exp(ops.minimum(ops.cast(w, "float32"), W_MAX))
 
 

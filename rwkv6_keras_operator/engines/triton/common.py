@@ -16,15 +16,15 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-# exp(g) is 0.0 in float32 for g below log(2^-150) (half the smallest subnormal): a decay of exactly 0.
-G_ZERO = tl.constexpr(-103.97208)
-# exp(-exp(60)) is exactly 0.0 in float32, as is the true decay of any larger w: the clamp changes no value and
-# keeps g = -exp(w) finite (docs/math.md rule 4; engines/portable/chunked.py: W_MAX).
-W_MAX = tl.constexpr(60.0)
+from .. import shared
+
+# The shared constants (engines/shared.py) as constexprs, the only globals a @triton.jit function may read.
+G_ZERO = tl.constexpr(shared.G_ZERO)
+W_MAX = tl.constexpr(shared.W_MAX)
+LOG2E = tl.constexpr(shared.LOG2E)
 # Compiled kernels take exp as one instruction (`exp` below); the interpreter (TRITON_INTERPRET=1, read by triton when
 # the kernels are defined, as here) runs no inline assembly.
 FAST_EXP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").strip() != "1")
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 class Precisions(NamedTuple):
