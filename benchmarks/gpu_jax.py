@@ -260,19 +260,19 @@ def kernels():
     B, T, H, N = SHAPES[os.environ.get("KERNELS_SHAPE", "train")]
     r, k, v, w, u, dy, s0 = make(B, T, H, N)
     L = ops.chunk_length(T, pallas.CHUNK)
-    prec = ops.precision(r.dtype, pallas.LOW_PRECISION)
+    precisions = ops.precisions(r.dtype, pallas.LOW_PRECISION)
     x4 = [a.reshape(B, T, H, N) for a in (r, k, v, w, dy)]
     ub = jnp.broadcast_to(u[None], (B, H, N))
-    terms = jax.jit(lambda k, v, w: chunked.state_terms(k, v, w, L=L, prec=prec))
+    terms = jax.jit(lambda k, v, w: chunked.state_terms(k, v, w, L=L, precisions=precisions))
     X, a = terms(x4[1], x4[2], x4[3])
-    sweep = jax.jit(lambda X, a, s0: scan.scan(X, a, s0, prec=prec))
+    sweep = jax.jit(lambda X, a, s0: scan.scan(X, a, s0, precisions=precisions))
     starts, _ = sweep(X, a, s0)
-    out = jax.jit(lambda r, k, v, w, u, S: chunked.output(r, k, v, w, u, S, L=L, prec=prec))
-    back = jax.jit(lambda r, k, v, w, u, dy, S, D: grads.grads(r, k, v, w, u, dy, S, D, L=L, prec=prec))
-    states = jax.jit(lambda k, v, w, s0: scan.states(k, v, w, s0, L=L, prec=prec))
+    out = jax.jit(lambda r, k, v, w, u, S: chunked.output(r, k, v, w, u, S, L=L, precisions=precisions))
+    back = jax.jit(lambda r, k, v, w, u, dy, S, D: grads.grads(r, k, v, w, u, dy, S, D, L=L, precisions=precisions))
+    states = jax.jit(lambda k, v, w, s0: scan.states(k, v, w, s0, L=L, precisions=precisions))
     stream = functools.partial(timeit_stream, n=50)   # device time a call (back to back)
     RESULTS["kernels"] = {
-        "config": {"chunk": L, "prec": prec, "shape": [B, T, H, N], **core.TUNING},
+        "config": {"chunk": L, "prec": precisions.prec.value, "shape": [B, T, H, N], **core.TUNING},
         "states_ms": stream(states, x4[1], x4[2], x4[3], s0),   # what the forward runs (scan.states)
         "state_terms_ms": stream(terms, x4[1], x4[2], x4[3]),
         "scan_ms": stream(sweep, X, a, s0),

@@ -25,7 +25,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from rwkv6_keras_operator.engines.triton import backward, binding, forward  # noqa: E402
-from rwkv6_keras_operator.engines.triton.common import precisions  # noqa: E402
+from rwkv6_keras_operator.engines.shared import precisions  # noqa: E402
+from rwkv6_keras_operator.engines.triton.common import precision_args  # noqa: E402
 
 TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SPECIALIZED = ("T", "H", "stride_t")   # the runtime sees them divisible by 16 at the benchmark shapes
@@ -41,7 +42,7 @@ def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             fp32 = name in ("u_ptr", "s0_ptr", "du_ptr") or (name in ("states_ptr", "dstates_ptr") and
-                                                             dtype != "bfloat16")   # binding.states_dtype
+                                                             dtype != "bfloat16")   # Precisions.states_dtype
             signature[name] = "*" + ("fp32" if fp32 else TYPES[dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
@@ -115,7 +116,7 @@ def main():
     warps_list = [int(w) for w in os.environ.get("WARPS", "4,8").split(",")]
     maxnreg = int(os.environ["MAXNREG"]) if os.environ.get("MAXNREG") else None
     top = int(os.environ.get("LINES", "0"))
-    p = precisions(dtype)._asdict()
+    p = precision_args(precisions(dtype))
     print(f"N={N} {dtype} precisions {p}; triton {triton.__version__}, sm_90")
     for L, C in chunks:
         common = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **p)

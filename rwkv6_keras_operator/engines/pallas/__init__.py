@@ -14,6 +14,8 @@ Pallas interpreter on any device (the CPU tests do).
 """
 import warnings
 
+from ..shared import Precision
+
 NAME = "pallas"
 BACKEND = "jax"
 
@@ -29,7 +31,7 @@ CHUNK = 32
 # shape on an H200, worst error against the float64 oracle 2.5e-3 (tf32: 1.7e-3; tolerance 1e-2); since the
 # products with a state are bf16 too and the chunk states are stored in bfloat16 (core.state_prec, state_dtype):
 # fwd+bwd 2.63 ms (device time), worst error 3.1e-3.
-LOW_PRECISION = "bf16"
+LOW_PRECISION = Precision.BF16
 
 _warned = set()
 

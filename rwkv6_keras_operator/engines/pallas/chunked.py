@@ -33,35 +33,35 @@ def chunk_rows(L, T):
     return c, core.ds(t0, L), ((t0 + jnp.arange(L)) < T)[:, None]
 
 
-def load_keys(ref_key, w_ref, b, h, rows, valid, cols, L, prec, r_ref=None):
+def load_keys(ref_key, w_ref, b, h, rows, valid, cols, L, precisions, r_ref=None):
     """ChunkKeys for one key block: key rows (and r rows if given), g = 0 on padding rows."""
     key = core.load(ref_key.at[b, rows, h, cols], valid)
     g = jnp.where(valid, core.log_decay(core.load(w_ref.at[b, rows, h, cols], valid)), 0.0)
     r = key if r_ref is None else core.load(r_ref.at[b, rows, h, cols], valid)
-    return ChunkKeys(r, key, g, L, core.pieces(prec))
+    return ChunkKeys(r, key, g, L, precisions)
 
 
 # --------------------------------------------------------------------------------------------------------
-def _terms_kernel(key_ref, val_ref, w_ref, x_ref, a_ref, *, T, L, N, prec, reverse):
+def _terms_kernel(key_ref, val_ref, w_ref, x_ref, a_ref, *, T, L, N, precisions, reverse):
     c, rows, valid = chunk_rows(L, T)
     h, b = core.program_id(1), core.program_id(2)
     size, n = blocks(N)
     for i in range(n):
         kcols = core.ds(i * size, size)
-        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, prec)
+        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, precisions)
         core.store(a_ref.at[b, h, c, kcols], kb.chunk_tot()[0])
         kq = kb.state_rows(reverse)
         for j in range(n):
             vcols = core.ds(j * size, size)
             val = core.load(val_ref.at[b, rows, h, vcols], valid)
-            core.store(x_ref.at[b, h, c, kcols, vcols], core.mm(kq, val, core.state_prec(prec), ta=True))
+            core.store(x_ref.at[b, h, c, kcols, vcols], core.mm(kq, val, precisions.state_prec, ta=True))
 
 
-def state_terms(key, val, w, *, L, prec, reverse=False):
+def state_terms(key, val, w, *, L, precisions, reverse=False):
     """X (B, H, nc, N, N) and a (B, H, nc, N), float32, for the scan over chunks."""
     B, T, H, N = key.shape
     nc = -(-T // L)
-    kernel = functools.partial(_terms_kernel, T=T, L=L, N=N, prec=prec, reverse=reverse)
+    kernel = functools.partial(_terms_kernel, T=T, L=L, N=N, precisions=precisions, reverse=reverse)
     return core.call(
         kernel, grid=(nc, H, B), num_warps=core.TUNING["terms_warps"], num_stages=2, name="wkv6_state_terms",
         out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), jnp.float32),
@@ -70,36 +70,36 @@ def state_terms(key, val, w, *, L, prec, reverse=False):
 
 
 # --------------------------------------------------------------------------------------------------------
-def _output_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s_ref, y_ref, *, T, L, N, prec):
+def _output_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s_ref, y_ref, *, T, L, N, precisions):
     c, rows, valid = chunk_rows(L, T)
     h, b = core.program_id(1), core.program_id(2)
     size, n = blocks(N)
     keys, us, r_pre = [], [], []
     for i in range(n):
         kcols = core.ds(i * size, size)
-        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, prec, r_ref=r_ref)
+        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, precisions, r_ref=r_ref)
         keys.append(kb)
         us.append(core.load(u_ref.at[b, h, kcols])[None, :])
         r_pre.append(kb.r * kb.chunk_pre())
     # (L, L), strictly lower; long chunks: levels as a loop (at L = 32 a loop is slower: fwd 1.43 against 1.29 ms,
     # H200, training shape)
-    A = scores(keys, L, prec, unroll=L <= 32)
+    A = scores(keys, L, precisions.prec, unroll=L <= 32)
     diag = bonus(keys, us)                    # (L, 1)
     for j in range(n):
         vcols = core.ds(j * size, size)
         v = core.load(v_ref.at[b, rows, h, vcols], valid)
-        y = core.mm(A, v, prec) + diag * v
+        y = core.mm(A, v, precisions.prec) + diag * v
         for i in range(n):
             S = core.load(s_ref.at[b, h, c, core.ds(i * size, size), vcols])
-            y = y + core.mm(r_pre[i], S, core.state_prec(prec))
+            y = y + core.mm(r_pre[i], S, precisions.state_prec)
         core.store(y_ref.at[b, rows, h, vcols], y, valid)
 
 
-def output(r, k, v, w, u, starts, *, L, prec):
+def output(r, k, v, w, u, starts, *, L, precisions):
     """y (B, T, H, N) in r's dtype from the states at the chunk starts (B, H, nc, N, N)."""
     B, T, H, N = r.shape
     nc = -(-T // L)
-    kernel = functools.partial(_output_kernel, T=T, L=L, N=N, prec=prec)
+    kernel = functools.partial(_output_kernel, T=T, L=L, N=N, precisions=precisions)
     return core.call(
         kernel, grid=(nc, H, B), num_warps=core.warps("output_warps", N, r.dtype),
         num_stages=core.TUNING["output_stages"], name="wkv6_output",

@@ -17,7 +17,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ..shared import LOG2E, W_MAX
+from ..shared import LOG2E, W_MAX, Precision
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
@@ -116,51 +116,20 @@ def store(ref, value, mask=None):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Precision of the products of tiles. A kernel takes one `prec` (a static string) for its main products:
-#   "bf16"/"f16": operands rounded to the input dtype, float32 accumulation (tensor cores, fastest; only
-#                 inside a chunk: products with a state use state_prec);
-#   "tf32": float32 operands in the tensor cores' tf32 mode (10-bit mantissa);
-#   "tf32x3": three tf32 products that carry float32 accuracy (the float32 path on GPU);
-#   "ieee": exact float32 products (the interpreter's choice for float32).
+# Products of tiles, at a shared.Precision.
 # --------------------------------------------------------------------------------------------------------
-def resolve_prec(dtype, mode=None):
-    """The product precision for inputs of `dtype` (mode overrides the default for 16-bit inputs)."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return "ieee" if interpret() else "tf32x3"
-    if mode == "bf16" and jnp.dtype(dtype) != BF16:
-        return "tf32"   # "bf16" rounds bfloat16 inputs' products only: float16 values would lose 3 bits
-    return mode or "tf32"
-
-
-def state_prec(prec):
-    """Precision of the products with a state (or its gradient). The state itself stays float32; as an operand it is
-    rounded like the inputs' own products for bfloat16 ("bf16": bfloat16 has float32's range, so nothing overflows,
-    and its 8 bits are those of the inputs), never to float16: a state may grow to any size (with decays of exactly
-    1 it sums every k v^T of the sequence), past float16's range, so "f16" gives tf32. The Triton engine does the
-    same (engines/triton/common.py, Precisions)."""
-    return "tf32" if prec == "f16" else prec
-
-
-def state_dtype(prec):
-    """dtype of the chunk states the scans store for the chunk kernels (and of their gradients): bfloat16 where the
-    products round them to bfloat16 anyway (state_prec "bf16"), at half the traffic; float32 otherwise. The scans
-    carry every state in float32; the final state and the gradient of s0 are float32 always (the Triton engine:
-    binding.states_dtype)."""
-    return BF16 if state_prec(prec) == "bf16" else F32
-
-
 def mm(a, b, prec, ta=False, tb=False):
-    """a @ b (a^T if ta, b^T if tb) in float32, with the products at precision `prec`."""
+    """a @ b (a^T if ta, b^T if tb) in float32, with the products at `prec` (a shared.Precision)."""
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
     precision = None
-    if prec in ("bf16", "f16"):
-        lo = BF16 if prec == "bf16" else F16
+    if prec in (Precision.BF16, Precision.F16):
+        lo = BF16 if prec is Precision.BF16 else F16
         a, b = a.astype(lo), b.astype(lo)
-    elif prec == "tf32x3":
+    elif prec is Precision.TF32X3:
         precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-    elif prec == "ieee":
+    elif prec is Precision.IEEE:
         precision = lax.Precision.HIGHEST
-    elif prec != "tf32":
+    elif prec is not Precision.TF32:
         raise ValueError(f"unknown product precision {prec!r}")
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
 
@@ -185,7 +154,8 @@ def log_decay(w):
 
 
 def split3(x, pieces=3):
-    """bfloat16 tiles whose sum is the float32 tile x: 3 pieces carry all 24 bits (exact), 2 carry 16, 1 carries 8."""
+    """bfloat16 tiles whose sum is the float32 tile x: 3 pieces carry all 24 bits (exact), 2 carry 16, 1 carries 8
+    (shared.Precisions.pieces and dg_pieces)."""
     hi = x.astype(BF16)
     if pieces == 1:
         return (hi,)
@@ -196,22 +166,9 @@ def split3(x, pieces=3):
     return hi, mid, (rest - mid.astype(F32)).astype(BF16)
 
 
-def pieces(prec):
-    """Pieces of split3 for the masked sums (the decay sums of g, and the gradient sums of dg): all 24 bits for
-    float32 inputs; 16 bits for 16-bit inputs, whose gradients carry 8 to 11 bits, and for whose decays 16 bits of g
-    mean a relative error of at most 2^-17 |sum g| in a factor exp(sum g) (below 3e-4 for every factor above e^-30,
-    against the 2^-9 of bfloat16 inputs; docs/math.md, rule 3)."""
-    return 3 if prec in ("tf32x3", "ieee") else 2
-
-
-def dg_pieces(prec):
-    """Pieces of split3 for the gradient sums of dg: as pieces(prec), but one for bfloat16 products ("bf16"), whose
-    operands round every term of dg to 8 bits already (the Triton engine: Precisions.DG_PIECES)."""
-    return 1 if prec == "bf16" else pieces(prec)
-
-
-def masked_sum(mask, parts):
-    """sum_m mask[t, m] * x[m, :] for a 0/1 mask, x given by split3(x).
+def masked_sum(mask, parts, prec):
+    """sum_m mask[t, m] * x[m, :] for a 0/1 mask, x given by split3(x), the products at `prec`
+    (shared.Precisions.mask_prec).
 
     Each product is exact (0 or 1 times a bfloat16 value) and accumulates in float32, so the result is a
     direct sum of exactly the selected terms: for a mask over a contiguous range of g <= 0 that is the sum
@@ -220,7 +177,7 @@ def masked_sum(mask, parts):
     m = mask.astype(BF16)
     out = None
     for part in reversed(parts):   # smallest first
-        term = mm(m, part, "bf16")
+        term = mm(m, part, prec)
         out = term if out is None else out + term
     return out
 

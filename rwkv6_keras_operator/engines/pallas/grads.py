@@ -42,9 +42,10 @@ def _add(acc, x):
 
 
 def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
-                  dr_ref, dk_ref, dv_ref, dw_ref, du_ref, *, T, L, N, prec):
+                  dr_ref, dk_ref, dv_ref, dw_ref, du_ref, *, T, L, N, precisions):
     c, rows, valid = chunk_rows(L, T)
     h, b = core.program_id(1), core.program_id(2)
+    prec, sprec, mprec = precisions.prec, precisions.state_prec, precisions.mask_prec
     vsize, nv = blocks(N)
     ksize, nk = blocks(N, KEY_BLOCK)
     vcols = [core.ds(j * vsize, vsize) for j in range(nv)]
@@ -54,14 +55,14 @@ def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
     for v, dy in zip(vs, dys):
         dA = _add(dA, core.mm(dy, v, prec, tb=True))
         e = _add(e, jnp.sum(dy * v, axis=1, keepdims=True))
-    K, npc, sprec = core.log2(L), core.dg_pieces(prec), core.state_prec(prec)
+    K, npc = core.log2(L), precisions.dg_pieces
     after, before = core.after_mask(L, K), core.before_mask(L, K)
 
     A = diag = None
     dvs = [None] * nv
     for i in range(nk):
         kcols = core.ds(i * ksize, ksize)
-        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, prec, r_ref=r_ref)
+        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, precisions, r_ref=r_ref)
         u = core.load(u_ref.at[b, h, kcols])[None, :]
         # Level h = 1: neighbours, W = 1, no position between them (no dg part).
         pairs = core.pair_mask(L, 0)
@@ -80,7 +81,7 @@ def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
             part_r = core.mm(dA_lvl, kq, prec) * F   # non-zero on lower halves only (rows t)
             part_k = core.mm(dA_lvl, rq, prec, ta=True) * F   # on upper halves only (rows s)
             # r * part_r lives on lower halves, k * part_k on upper halves: one masked sum takes both.
-            dg = dg + core.masked_sum(core.span_mask(L, shift), core.split3(kb.r * part_r + kb.k * part_k, npc))
+            dg = dg + core.masked_sum(core.span_mask(L, shift), core.split3(kb.r * part_r + kb.k * part_k, npc), mprec)
             return A, dr + part_r, dk + part_k, dg
 
         A, dr, dk, dg = level_loop(L, level, carry, unroll=False)
@@ -97,8 +98,8 @@ def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
             SD = _add(SD, jnp.sum(S * D, axis=1)[None, :])
             dvs[j] = _add(dvs[j], core.mm(kq_end, D, sprec))
         x_state, y_state = e_pre * dyS, kq_end * vD
-        dg = (dg + core.masked_sum(after, core.split3(kb.r * x_state, npc))
-              + core.masked_sum(before, core.split3(y_state, npc)) + kb.chunk_tot() * SD)
+        dg = (dg + core.masked_sum(after, core.split3(kb.r * x_state, npc), mprec)
+              + core.masked_sum(before, core.split3(y_state, npc), mprec) + kb.chunk_tot() * SD)
         ue = u * e
         w = core.load(w_ref.at[b, rows, h, kcols], valid)
         core.store(dr_ref.at[b, rows, h, kcols], dr + x_state + ue * kb.k, valid)
@@ -110,11 +111,11 @@ def _grads_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
         core.store(dv_ref.at[b, rows, h, vcols[j]], dv, valid)
 
 
-def grads(r, k, v, w, u, dy, starts, dends, *, L, prec):
+def grads(r, k, v, w, u, dy, starts, dends, *, L, precisions):
     """dr, dk, dv, dw (B, T, H, N) in r's dtype and du per chunk (B, H, nc, N) float32."""
     B, T, H, N = r.shape
     nc = -(-T // L)
-    kernel = functools.partial(_grads_kernel, T=T, L=L, N=N, prec=prec)
+    kernel = functools.partial(_grads_kernel, T=T, L=L, N=N, precisions=precisions)
     like = jax.ShapeDtypeStruct(r.shape, r.dtype)
     return core.call(
         kernel, grid=(nc, H, B), num_warps=core.warps("grads_warps", N, r.dtype), num_stages=1, name="wkv6_grads",

@@ -23,21 +23,22 @@ from . import core
 class ChunkKeys:
     """r, k, g of one key block of one chunk, with the decay factors built on demand."""
 
-    def __init__(self, r, k, g, L, pieces=3):
+    def __init__(self, r, k, g, L, precisions):
         self.r, self.k, self.g, self.L = r, k, g, L
-        self.parts = core.split3(g, pieces)   # bits of g the decay sums use: core.pieces
+        self.mask_prec = precisions.mask_prec
+        self.parts = core.split3(g, precisions.pieces)   # the bits of g its decay sums use
 
     def level(self, shift):
         """F_h for h = 2**shift >= 2 (L, BK): exp(pre_h) on lower-half rows, exp(suf_h) on upper-half rows."""
-        return core.exp(core.masked_sum(core.level_mask(self.L, shift), self.parts))
+        return core.exp(core.masked_sum(core.level_mask(self.L, shift), self.parts, self.mask_prec))
 
     def chunk_pre(self):
         """exp(sum_{m<t} g_m): the decay from the chunk start to just before t."""
-        return core.exp(core.masked_sum(core.before_mask(self.L, core.log2(self.L)), self.parts))
+        return core.exp(core.masked_sum(core.before_mask(self.L, core.log2(self.L)), self.parts, self.mask_prec))
 
     def chunk_suf(self):
         """exp(sum_{m>s} g_m): the decay from just after s to the chunk end."""
-        return core.exp(core.masked_sum(core.after_mask(self.L, core.log2(self.L)), self.parts))
+        return core.exp(core.masked_sum(core.after_mask(self.L, core.log2(self.L)), self.parts, self.mask_prec))
 
     def state_rows(self, reverse):
         """The key rows as they enter the chunk's state term X = (k * decay)^T val: decayed to the chunk's end
@@ -63,7 +64,7 @@ def level_loop(L, body, carry, unroll):
 
 
 def scores(blocks, L, prec, unroll=True):
-    """A[t, s] = sum_i r_t k_s W[t, s] for s < t (0 elsewhere), summed over the key blocks."""
+    """A[t, s] = sum_i r_t k_s W[t, s] for s < t (0 elsewhere), summed over the key blocks; products at `prec`."""
     A = None
     for kb in blocks:
         part = core.mm(kb.r, kb.k, prec, tb=True)

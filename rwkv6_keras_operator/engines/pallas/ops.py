@@ -8,9 +8,13 @@ r, k, v, w, dy: (B, T, H, N) of one dtype; u: (B, H, N) float32 (one row per bat
 vmapped axes into B stays exact); s0, dsT: (B, H, N, N) float32. Every op maps (row, head) pairs
 independently, which `sharding.parallel_op` turns into vmap and SPMD rules.
 """
+import dataclasses
 import functools
 
+import jax.numpy as jnp
+
 from .. import shared
+from ..shared import Precision
 from . import chunked, core, grads, recurrent, scan
 from .sharding import parallel_op
 
@@ -20,14 +24,14 @@ S = "b h n m"
 STATES = "b h c n m"
 
 
-def _forward(r, k, v, w, u, s0, *, L, prec):
-    starts, last = scan.states(k, v, w, s0, L=L, prec=prec)
-    return chunked.output(r, k, v, w, u, starts, L=L, prec=prec), last, starts
+def _forward(r, k, v, w, u, s0, *, L, precisions):
+    starts, last = scan.states(k, v, w, s0, L=L, precisions=precisions)
+    return chunked.output(r, k, v, w, u, starts, L=L, precisions=precisions), last, starts
 
 
-def _backward(r, k, v, w, u, starts, dy, dsT, *, L, prec):
-    dends, ds0 = scan.states(r, dy, w, dsT, L=L, prec=prec, reverse=True)
-    dr, dk, dv, dw, du = grads.grads(r, k, v, w, u, dy, starts, dends, L=L, prec=prec)
+def _backward(r, k, v, w, u, starts, dy, dsT, *, L, precisions):
+    dends, ds0 = scan.states(r, dy, w, dsT, L=L, precisions=precisions, reverse=True)
+    dr, dk, dv, dw, du = grads.grads(r, k, v, w, u, dy, starts, dends, L=L, precisions=precisions)
     return dr, dk, dv, dw, du.sum(axis=2), ds0
 
 
@@ -36,13 +40,13 @@ def _decode(r, k, v, w, u, s0):
 
 
 @functools.lru_cache(maxsize=None)
-def forward(L, prec):
-    return parallel_op(functools.partial(_forward, L=L, prec=prec), (X4, X4, X4, X4, U, S), (X4, S, STATES))
+def forward(L, precisions):
+    return parallel_op(functools.partial(_forward, L=L, precisions=precisions), (X4, X4, X4, X4, U, S), (X4, S, STATES))
 
 
 @functools.lru_cache(maxsize=None)
-def backward(L, prec):
-    return parallel_op(functools.partial(_backward, L=L, prec=prec),
+def backward(L, precisions):
+    return parallel_op(functools.partial(_backward, L=L, precisions=precisions),
                        (X4, X4, X4, X4, U, STATES, X4, S), (X4, X4, X4, X4, U, S))
 
 
@@ -57,5 +61,10 @@ def chunk_length(T, chunk):
     return shared.chunk_length(T, chunk, 16)
 
 
-def precision(dtype, mode=None):
-    return core.resolve_prec(dtype, mode)
+def precisions(dtype, low_precision):
+    """The shared.Precisions of the kernels for inputs of `dtype`; in the interpreter, float32 inputs get exact float32
+    products (IEEE)."""
+    p = shared.precisions(jnp.dtype(dtype).name, low_precision)
+    if p.prec is Precision.TF32X3 and core.interpret():
+        p = dataclasses.replace(p, prec=Precision.IEEE, state_prec=Precision.IEEE)
+    return p

@@ -40,19 +40,19 @@ def _scan_kernel(x_ref, a_ref, s0_ref, out_ref, last_ref, *, nc, BV, reverse):
     core.store(last_ref.at[b, h, :, vcols], S)
 
 
-def scan(X, a, s0, *, prec, reverse=False):
-    """out (B, H, nc, N, N) in core.state_dtype(prec) and the final (B, H, N, N) float32."""
+def scan(X, a, s0, *, precisions, reverse=False):
+    """out (B, H, nc, N, N) in precisions.states_dtype and the final (B, H, N, N) float32."""
     B, H, nc, N, _ = X.shape
     BV = min(core.TUNING["scan_block"], N)
     kernel = functools.partial(_scan_kernel, nc=nc, BV=BV, reverse=reverse)
     return core.call(
         kernel, grid=(N // BV, H, B), num_warps=core.TUNING["scan_warps"], num_stages=3, name="wkv6_scan",
-        out_shape=(jax.ShapeDtypeStruct(X.shape, core.state_dtype(prec)),
+        out_shape=(jax.ShapeDtypeStruct(X.shape, precisions.states_dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(X, a, s0)
 
 
-def _fused_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, L, nc, N, BK, BV, prec, reverse):
+def _fused_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, L, nc, N, BK, BV, precisions, reverse):
     j, h, b = core.program_id(0), core.program_id(1), core.program_id(2)
     kcols = core.ds((j // (N // BV)) * BK, BK)
     vcols = core.ds((j % (N // BV)) * BV, BV)
@@ -61,17 +61,17 @@ def _fused_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, L, n
         c = nc - 1 - i if reverse else i
         rows = core.ds(c * L, L)
         valid = ((c * L + jnp.arange(L)) < T)[:, None]
-        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, prec)
+        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, precisions)
         val = core.load(val_ref.at[b, rows, h, vcols], valid)
         core.store(out_ref.at[b, h, c, kcols, vcols], S)
-        return kb.chunk_tot()[0][:, None] * S + core.mm(kb.state_rows(reverse), val, core.state_prec(prec), ta=True)
+        return kb.chunk_tot()[0][:, None] * S + core.mm(kb.state_rows(reverse), val, precisions.state_prec, ta=True)
 
     S = lax.fori_loop(0, nc, step, core.load(s0_ref.at[b, h, kcols, vcols]))
     core.store(last_ref.at[b, h, kcols, vcols], S)
 
 
-def states(key, val, w, s0, *, L, prec, reverse=False):
-    """out (B, H, nc, N, N) in core.state_dtype(prec) and the final (B, H, N, N) float32 of the scan whose
+def states(key, val, w, s0, *, L, precisions, reverse=False):
+    """out (B, H, nc, N, N) in precisions.states_dtype and the final (B, H, N, N) float32 of the scan whose
     X_c = sum over the chunk's rows of (key * decay) val^T (decay: to the chunk's end forward, from its start
     backward) and a_c = exp(tot_c)."""
     B, T, H, N = key.shape
@@ -85,13 +85,14 @@ def states(key, val, w, s0, *, L, prec, reverse=False):
     if programs(BK) < core.TUNING["fused_narrow_below"]:   # few rows and heads: narrower key blocks, more programs
         BK = blocks(N, core.TUNING["fused_keys_few"])[0]
     if programs(BK) < core.TUNING["fused_min_programs"]:
-        X, a = state_terms(key, val, w, L=L, prec=prec, reverse=reverse)
-        return scan(X, a, s0, prec=prec, reverse=reverse)
-    kernel = functools.partial(_fused_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, prec=prec, reverse=reverse)
+        X, a = state_terms(key, val, w, L=L, precisions=precisions, reverse=reverse)
+        return scan(X, a, s0, precisions=precisions, reverse=reverse)
+    kernel = functools.partial(_fused_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, precisions=precisions,
+                               reverse=reverse)
     return core.call(
         kernel, grid=((N // BK) * (N // BV), H, B), num_warps=core.TUNING["fused_warps"],
         num_stages=core.TUNING["fused_stages"],
         name="wkv6_state_scan",
-        out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), core.state_dtype(prec)),
+        out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), precisions.states_dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(key, val, w, s0)

@@ -2,43 +2,44 @@
 
 Forward without differentiation: the step-by-step kernel for T <= decode_max_t, else the chunked ops.
 Under differentiation the forward always runs chunked and keeps the states at the chunk starts ((B, H, nc, N, N),
-in core.state_dtype) for the backward, which rebuilds everything else inside each chunk.
+in Precisions.states_dtype) for the backward, which rebuilds everything else inside each chunk.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from ..shared import Precision
 from . import ops
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _wkv(r, k, v, w, u, s0, config):
-    L, prec, decode_max_t = config
+    L, precisions, decode_max_t = config
     if r.shape[1] <= decode_max_t:
         return ops.decode()(r, k, v, w, u, s0)
-    y, last, _ = ops.forward(L, prec)(r, k, v, w, u, s0)
+    y, last, _ = ops.forward(L, precisions)(r, k, v, w, u, s0)
     return y, last
 
 
 def _wkv_fwd(r, k, v, w, u, s0, config):
-    L, prec, _ = config
-    y, last, starts = ops.forward(L, prec)(r, k, v, w, u, s0)
+    L, precisions, _ = config
+    y, last, starts = ops.forward(L, precisions)(r, k, v, w, u, s0)
     return (y, last), (r, k, v, w, u, starts)
 
 
 def _wkv_bwd(config, residuals, cotangents):
-    L, prec, _ = config
+    L, precisions, _ = config
     r, k, v, w, u, starts = residuals
     dy, dlast = cotangents
-    return ops.backward(L, prec)(r, k, v, w, u, starts, dy.astype(r.dtype), dlast.astype(jnp.float32))
+    return ops.backward(L, precisions)(r, k, v, w, u, starts, dy.astype(r.dtype), dlast.astype(jnp.float32))
 
 
 _wkv.defvjp(_wkv_fwd, _wkv_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "low_precision", "decode_max_t"))
-def wkv(r, k, v, w, u, s0, *, chunk=32, low_precision="tf32", decode_max_t=16):
+def wkv(r, k, v, w, u, s0, *, chunk=32, low_precision=Precision.TF32, decode_max_t=16):
     """r, k, v, w: (B, T, H, N) of one float dtype; u: (H, N); s0: (B, H, N, N) float32 or None.
 
     Jitted: called eagerly, one cached program runs instead of a dozen dispatches; inside a caller's jit (or
@@ -46,5 +47,5 @@ def wkv(r, k, v, w, u, s0, *, chunk=32, low_precision="tf32", decode_max_t=16):
     B, T, H, N = r.shape
     u = jnp.broadcast_to(jnp.asarray(u, jnp.float32)[None], (B, H, N))
     s0 = jnp.zeros((B, H, N, N), jnp.float32) if s0 is None else jnp.asarray(s0, jnp.float32)
-    config = (ops.chunk_length(T, chunk), ops.precision(r.dtype, low_precision), decode_max_t)
+    config = (ops.chunk_length(T, chunk), ops.precisions(r.dtype, low_precision), decode_max_t)
     return _wkv(r, k, v, w, u, s0, config)

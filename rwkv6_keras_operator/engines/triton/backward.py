@@ -30,7 +30,8 @@ included), as for the true gradient.
 import triton
 import triton.language as tl
 
-from .common import G_ZERO, exp, g_rows, head_base, load_rows, load_rows_cached, mm, row_base, store_rows
+from .common import (G_ZERO, exp, g_rows, head_base, load_rows, load_rows_cached, mm, precision_args, row_base,
+                     store_rows)
 from .forward import step_over, sub_block, sub_block_start
 from .levels import after, before, exp_before, exp_after, masked_sum, pair_grads
 
@@ -40,7 +41,7 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
                     dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr,
                     T, H, NC, stride_t, has_s0,
                     N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
-                    PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+                    STATE_PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     pid = tl.program_id(0)
     bh, c, J = sub_block(pid, NC, L, C)
     b = bh // H
@@ -64,20 +65,20 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     bonus = u[None, :] * vdy[:, None]
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)
     S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s0, base, T, stride_t, cols, cols,
-                        N, C, LOG_C, PREC, PIECES, MASK_PREC)
-    x_state = exp_before(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), PREC)    # pre_t * (S_J dy_t)
+                        N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC)
+    x_state = exp_before(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), STATE_PREC)    # pre_t * (S_J dy_t)
     store_rows(dr_ptr, base, rows, T, cols, stride_t, DR + bonus * k + x_state)
     DG += masked_sum(after(C, LOG_C), r * x_state, DG_PIECES, MASK_PREC)      # sum over t > m
     # through the gradient of the state at the sub-block's end: dE_J (suf_s holds d_m for m > s)
     dE = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + cols[:, None] * N + cols[None, :]).to(tl.float32)
     for i in range(L // C - 1 - J):
         dE = step_over(dE, r_ptr, dy_ptr, w_ptr, base, (L // C - 1 - i) * C, T, stride_t, cols, cols, C, LOG_C,
-                       PREC, PIECES, MASK_PREC, True)
+                       STATE_PREC, PIECES, MASK_PREC, True)
     suf = exp_after(g, LOG_C, C, PIECES, MASK_PREC)
-    kap = mm(v, tl.trans(dE), PREC)                                       # dE_J v_s
+    kap = mm(v, tl.trans(dE), STATE_PREC)                                       # dE_J v_s
     kq = k * suf
     store_rows(dk_ptr, base, rows, T, cols, stride_t, DK + bonus * r + suf * kap)
-    dv = mm(tl.trans(A), dy, PREC) + tl.sum(r * u[None, :] * k, 1)[:, None] * dy + mm(kq, dE, PREC)
+    dv = mm(tl.trans(A), dy, PREC) + tl.sum(r * u[None, :] * k, 1)[:, None] * dy + mm(kq, dE, STATE_PREC)
     store_rows(dv_ptr, base, rows, T, cols, stride_t, dv)
     DG += masked_sum(before(C, LOG_C), kq * kap, DG_PIECES, MASK_PREC)        # sum over s < m
     DG += (exp(tl.sum(g, 0)) * tl.sum(S * dE, 1))[None, :]             # the state through the whole sub-block
@@ -97,12 +98,12 @@ def backward_config(N):
 
 
 def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, L, C):
-    """precisions: common.Precisions of the inputs' dtype; du_part: (B * H * NC * L / C, N) float32."""
+    """precisions: the shared.Precisions of the inputs; du_part: (B * H * NC * L / C, N) float32."""
     B, T, H, N = r.shape
     NC = -(-T // L)
     warps, stages, maxnreg = backward_config(N)
     grid = (B * H * NC * (L // C),)
     backward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, dstates, dy,
                           dr, dk, dv, dw, du_part, T, H, NC, H * N, int(s0 is not None),
-                          N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precisions.kernel_args(),
+                          N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions),
                           num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))

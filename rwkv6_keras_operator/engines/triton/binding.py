@@ -6,16 +6,18 @@ anywhere: shapes alone decide every launch).
     rwkv6_triton::backward(r, k, v, w, u, s0?, states, dy, dstate?) -> (dr, dk, dv, dw, du, ds0)
 
 `states` holds the start state of chunks 1 .. NC-1 (B, H, NC-1, N, N): with the inputs, all the forward saves for
-the backward (the start of chunk 0 is s0 itself); float32, or bfloat16 for bfloat16 inputs (`states_dtype`).
+the backward (the start of chunk 0 is s0 itself), in `states_dtype` (shared.Precisions.states_dtype).
 T == 1 runs the one-step kernel (decode).
 """
+import dataclasses
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .. import shared
+from ..shared import Precision
 from .backward import launch_backward
-from .common import precisions
 from .forward import launch_forward
 from .recurrent import launch_step
 from .scan import launch_scan
@@ -24,17 +26,19 @@ CHUNK = 32     # L: tokens per chunk (one stored state each)
 SUB = 32       # C: rows per sub-block (one binary tree of levels; levels.py)
 
 
+def precisions(x):
+    """The shared.Precisions of the kernels for x's dtype. Under the Triton interpreter (CPU tensors) every product is
+    an IEEE float32 product: its bfloat16 tl.dot is unreliable, and the pieces' values are bfloat16 either way; the
+    stored chunk states keep the compiled kernels' dtype."""
+    p = shared.precisions(str(x.dtype).replace("torch.", ""))
+    if not x.is_cuda:
+        p = dataclasses.replace(p, prec=Precision.IEEE, state_prec=Precision.IEEE, mask_prec=Precision.IEEE)
+    return p
+
+
 def states_dtype(x):
-    """dtype of the chunk states the scans store for the chunk kernels (and of their gradients, dstates): bfloat16
-    for bfloat16 inputs, whose products round the state to bfloat16 anyway (common.Precisions), so a stored
-    bfloat16 copy gives the same products at half the traffic; float32 otherwise. The scans carry every state in
-    float32, and the final state and the gradient of s0 are float32 always."""
-    return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-
-
-def _precisions(x):
-    """common.Precisions for x's dtype; CPU tensors run under the Triton interpreter."""
-    return precisions(str(x.dtype).replace("torch.", ""), compiled=x.is_cuda)
+    """torch dtype of the chunk states stored for inputs like x (shared.Precisions.states_dtype)."""
+    return getattr(torch, precisions(x).states_dtype)
 
 
 def _n_chunks(T):
@@ -65,7 +69,7 @@ def forward_impl(r, k, v, w, u, s0):
         if T == 1:
             launch_step(r, k, v, w, u, s0, y, state)
         else:
-            p = _precisions(r)
+            p = precisions(r)
             launch_scan(k, v, w, s0, state, states, False, p, CHUNK)
             launch_forward(r, k, v, w, u, s0, states, y, p, CHUNK, SUB)
     return y, state, states
@@ -84,7 +88,7 @@ def backward_impl(r, k, v, w, u, s0, states, dy, dstate):
     ds0 = torch.empty((B, H, N, N) if s0 is not None else (0,), dtype=torch.float32, device=dev)
     dr, dk, dv, dw = (torch.empty(r.shape, dtype=r.dtype, device=dev) for _ in range(4))
     du_part = torch.empty((B, H, NC * (CHUNK // SUB), N), dtype=torch.float32, device=dev)   # one row a program
-    p = _precisions(r)
+    p = precisions(r)
     with _device(r):
         launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, p, CHUNK)
         launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, p, CHUNK, SUB)

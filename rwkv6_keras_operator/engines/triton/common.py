@@ -11,7 +11,6 @@ as a masked product on the tensor cores (levels.masked_sum, in the chunk kernels
 difference of running sums (that cancels when one g is huge, e.g. -1e26), so every exponent is <= 0.
 """
 import os
-from typing import NamedTuple
 
 import triton
 import triton.language as tl
@@ -27,45 +26,19 @@ LOG2E = tl.constexpr(shared.LOG2E)
 FAST_EXP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").strip() != "1")
 
 
-class Precisions(NamedTuple):
-    """How the kernels multiply, for one input dtype (docs/math.md, rule 3):
-
-    PREC       every product of tiles but the masked sums: "bf16" rounds the operands to bfloat16 (bfloat16 inputs;
-               bfloat16 has float32's range, so a state rounded to it as an operand neither overflows nor loses more
-               than the inputs' own 8 bits), "tf32" (float16 inputs: bfloat16 would drop 3 of their bits), "tf32x3"
-               (float32 inputs: float32-exact). The state itself, g and every sum stay float32;
-    MASK_PREC  the masked sums of levels.py (exact in bfloat16: 0/1 times bfloat16 pieces);
-    PIECES     bfloat16 pieces of g in its masked sums: 3 (all 24 bits) for float32 inputs, 2 (16 bits) for 16-bit
-               inputs, whose own values carry 8 to 11 (the error of exp(sum g) grows with |sum g|: docs/math.md);
-    DG_PIECES  bfloat16 pieces of the terms of dg in their masked sums: 3 for float32, 2 for float16 inputs, 1 for
-               bfloat16 inputs, whose products round each term to 8 bits already (PREC = "bf16").
-    """
-    PREC: str
-    MASK_PREC: str
-    PIECES: int
-    DG_PIECES: int
-
-    def kernel_args(self, *names):
-        """The fields as a kernel's constexpr arguments: all of them, or only `names` (for a kernel that takes fewer)."""
-        return {n: v for n, v in self._asdict().items() if not names or n in names}
-
-
-def precisions(dtype, compiled=True):
-    """Precisions for inputs of `dtype` ("float32", "bfloat16", "float16"). Under the Triton interpreter
-    (compiled=False) every product is an IEEE float32 product: its bfloat16 tl.dot is unreliable, and the values
-    of the pieces are bfloat16 either way."""
-    pieces = 3 if dtype == "float32" else 2
-    dg_pieces = {"float32": 3, "float16": 2, "bfloat16": 1}[dtype]
-    if not compiled:
-        return Precisions("ieee", "ieee", pieces, dg_pieces)
-    prec = {"float32": "tf32x3", "bfloat16": "bf16", "float16": "tf32"}[dtype]
-    return Precisions(prec, "bf16", pieces, dg_pieces)
+def precision_args(precisions, *names):
+    """A shared.Precisions as a kernel's constexpr arguments, named as its fields in upper case (PREC, STATE_PREC,
+    MASK_PREC, PIECES, DG_PIECES; precisions as their string values): all of them, or only `names` (for a kernel
+    that takes fewer)."""
+    args = {"PREC": precisions.prec.value, "STATE_PREC": precisions.state_prec.value,
+            "MASK_PREC": precisions.mask_prec.value, "PIECES": precisions.pieces, "DG_PIECES": precisions.dg_pieces}
+    return {n: v for n, v in args.items() if not names or n in names}
 
 
 @triton.jit
 def mm(a, b, PREC: tl.constexpr):
-    """a @ b in float32. PREC: "bf16" (operands rounded to bfloat16: the tensor cores' fastest mode), or a
-    tl.dot input_precision for float32 operands ("tf32", "tf32x3" = float32-exact, "ieee")."""
+    """a @ b in float32. PREC, the value of a shared.Precision: "bf16" (operands rounded to bfloat16), or a tl.dot
+    input_precision for float32 operands ("tf32", "tf32x3", "ieee"). The Triton engine never rounds to float16."""
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:

@@ -15,7 +15,7 @@ does not hold registers while the pairs are built.
 import triton
 import triton.language as tl
 
-from .common import chunk_start_state, exp, g_rows, head_base, load_rows, mm, row_base, store_rows
+from .common import chunk_start_state, exp, g_rows, head_base, load_rows, mm, precision_args, row_base, store_rows
 from .levels import exp_after, exp_before, pair_scores
 
 
@@ -29,7 +29,7 @@ def sub_block(pid, NC, L: tl.constexpr, C: tl.constexpr):
 
 @triton.jit
 def step_over(S, a_ptr, b_ptr, w_ptr, base, t0, T, stride_t, cols, jv, C: tl.constexpr, LOG_C: tl.constexpr,
-              PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr, BACKWARD: tl.constexpr):
+              STATE_PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr, BACKWARD: tl.constexpr):
     """S carried over the sub-block t0 .. t0+C-1, the same update both ways (as in scan.py):
 
         forward  (a, b = k, v):   the state after it from the state S before it:   diag(tot) S + (k * suf)^T v
@@ -44,18 +44,18 @@ def step_over(S, a_ptr, b_ptr, w_ptr, base, t0, T, stride_t, cols, jv, C: tl.con
         decay = exp_after(g, LOG_C, C, PIECES, MASK_PREC)
     aq = load_rows(a_ptr, base, rows, T, cols, stride_t) * decay
     b = load_rows(b_ptr, base, rows, T, jv, stride_t)
-    return exp(tl.sum(g, 0))[:, None] * S + mm(tl.trans(aq), b, PREC)
+    return exp(tl.sum(g, 0))[:, None] * S + mm(tl.trans(aq), b, STATE_PREC)
 
 
 @triton.jit
 def sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s0, base, T, stride_t, cols, jv,
-                    N: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
+                    N: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, STATE_PREC: tl.constexpr,
                     PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """S_J (N x len(jv)): the state at the start of sub-block J of chunk c, carried from the chunk's start over the
     sub-blocks before it."""
     S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, cols, jv, N)
     for jj in range(J):
-        S = step_over(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, jv, C, LOG_C, PREC, PIECES,
+        S = step_over(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, jv, C, LOG_C, STATE_PREC, PIECES,
                       MASK_PREC, False)
     return S
 
@@ -64,7 +64,7 @@ def sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s
 def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
                    T, H, NC, stride_t, has_s0,
                    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
-                   PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+                   PREC: tl.constexpr, STATE_PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     bh, c, J = sub_block(tl.program_id(0), NC, L, C)
     b = bh // H
     h = bh % H
@@ -84,8 +84,8 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
     v = load_rows(v_ptr, base, rows, T, jv, stride_t)
     y = mm(A, v, PREC) + bonus[:, None] * v                             # the pairs, and the bonus
     S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s0, base, T, stride_t, cols, jv,
-                        N, C, LOG_C, PREC, PIECES, MASK_PREC)           # (N, BV)
-    y += mm(rq, S, PREC)                                                # through the state
+                        N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC)     # (N, BV)
+    y += mm(rq, S, STATE_PREC)                                                # through the state
     store_rows(y_ptr, base, rows, T, jv, stride_t, y)
 
 
@@ -102,7 +102,7 @@ def forward_config(N):
 
 
 def launch_forward(r, k, v, w, u, s0, states, y, precisions, L, C):
-    """precisions: common.Precisions of the inputs' dtype."""
+    """precisions: the shared.Precisions of the inputs."""
     B, T, H, N = r.shape
     NC = -(-T // L)
     BV, warps, maxnreg = forward_config(N)
@@ -110,5 +110,5 @@ def launch_forward(r, k, v, w, u, s0, states, y, precisions, L, C):
     forward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, y,
                          T, H, NC, H * N, int(s0 is not None),
                          N=N, BV=BV, L=L, C=C, LOG_C=C.bit_length() - 1,
-                         **precisions.kernel_args("PREC", "PIECES", "MASK_PREC"),
+                         **precision_args(precisions, "PREC", "STATE_PREC", "PIECES", "MASK_PREC"),
                          num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))

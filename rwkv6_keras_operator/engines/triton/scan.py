@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import exp, g_rows, head_base, load_rows, mm, row_base
+from .common import exp, g_rows, head_base, load_rows, mm, precision_args, row_base
 from .levels import after, before, column_sums, masked_sum
 
 
@@ -31,7 +31,7 @@ from .levels import after, before, column_sums, masked_sum
 def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_ptr, seg_log_ptr, cum_ptr,
                       T, H, NC, SEG, stride_t, has_init,
                       N: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      G: tl.constexpr, REVERSE: tl.constexpr, STORE_OUT: tl.constexpr, PREC: tl.constexpr,
+                      G: tl.constexpr, REVERSE: tl.constexpr, STORE_OUT: tl.constexpr, STATE_PREC: tl.constexpr,
                       PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     bh = tl.program_id(0) // G
     seg = tl.program_id(0) % G            # segment of chunks [seg * SEG, (seg + 1) * SEG)
@@ -79,7 +79,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
         # reduction over the rows crosses warps; it held 36% of the scan's stall samples, H200 profile)
         tot = column_sums(g, L, BV, PIECES, MASK_PREC)
         aq = a * exp(D)
-        S = exp(tot) * S + mm(tl.trans(aq), bm, PREC)
+        S = exp(tot) * S + mm(tl.trans(aq), bm, STATE_PREC)
         log += tot
         if not REVERSE and G > 1:   # the decay from the start of the segment to the end of chunk c
             tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, log, mask=per_key)
@@ -165,8 +165,8 @@ def segments(NC, programs):
 
 def launch_scan(a, b, w, init, out, chunks, reverse, precisions, L):
     """a, b, w: (B, T, H, N); init: (B, H, N, N) float32 or None; out: (B, H, N, N) or None (not stored);
-    chunks: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward, float32 or bfloat16 (binding.states_dtype);
-    precisions: common.Precisions."""
+    chunks: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward, in precisions.states_dtype;
+    precisions: the shared.Precisions of the inputs."""
     B, T, H, N = a.shape
     NC = -(-T // L)
     BK, BV, warps, stages = scan_tiles(N, B * H)
@@ -186,8 +186,7 @@ def launch_scan(a, b, w, init, out, chunks, reverse, precisions, L):
         a, b, w, init_arg, out_arg, chunks, seg, seg_log, cum,
         T, H, NC, SEG, H * N, int(init is not None),
         N=N, L=L, LOG_L=L.bit_length() - 1, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None,
-        PREC=precisions.PREC, PIECES=precisions.PIECES,
-        MASK_PREC=precisions.MASK_PREC, num_warps=warps, num_stages=stages)
+        **precision_args(precisions, "STATE_PREC", "PIECES", "MASK_PREC"), num_warps=warps, num_stages=stages)
     if G > 1:
         combine_kernel[(B * H,) + tiles](init_arg, out_arg, seg, seg_log, int(init is not None),
                                          N=N, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None,
