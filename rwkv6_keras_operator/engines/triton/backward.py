@@ -4,7 +4,7 @@ One program per (batch row, head, sub-block J of C rows of a chunk of L tokens).
 start (from the forward's scan) and the gradient of the state at its end dS (from the backward scan). The program
 moves them to its own sub-block, S_J at its start and dE_J at its end (L / C - 1 sub-blocks at most, each way):
 
-    S_{J+1} = diag(tot_J) S_J + sum_{s in J} (k_s * suf_s) v_s^T            (forward.sub_block_start)
+    S_{J+1} = diag(tot_J) S_J + sum_{s in J} (k_s * suf_s) v_s^T            (sub_blocks.sub_block_start)
     dE_{J-1} = diag(tot_J) dE_J + sum_{t in J} (r_t * pre_t) dy_t^T          (dE_{n-1} = dS)
 
 and with them the gradients of one sub-block are those of a chunk of C tokens (pre, suf, tot inside J):
@@ -32,8 +32,9 @@ import triton.language as tl
 
 from .common import (G_ZERO, exp, g_rows, head_base, load_rows, load_rows_cached, mm, precision_args, row_base,
                      store_rows)
-from .forward import step_over, sub_block, sub_block_start
-from .levels import after, before, exp_before, exp_after, masked_sum, pair_grads
+from .levels import pair_grads, pre_factor, suf_factor
+from .masks import after_mask, before_mask, masked_sum
+from .sub_blocks import step_over, sub_block, sub_block_start
 
 
 @triton.jit
@@ -66,21 +67,21 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)
     S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s0, base, T, stride_t, cols, cols,
                         N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC)
-    x_state = exp_before(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), STATE_PREC)    # pre_t * (S_J dy_t)
+    x_state = pre_factor(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), STATE_PREC)    # pre_t * (S_J dy_t)
     store_rows(dr_ptr, base, rows, T, cols, stride_t, DR + bonus * k + x_state)
-    DG += masked_sum(after(C, LOG_C), r * x_state, DG_PIECES, MASK_PREC)      # sum over t > m
+    DG += masked_sum(after_mask(C, LOG_C), r * x_state, DG_PIECES, MASK_PREC)      # sum over t > m
     # through the gradient of the state at the sub-block's end: dE_J (suf_s holds d_m for m > s)
     dE = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + cols[:, None] * N + cols[None, :]).to(tl.float32)
     for i in range(L // C - 1 - J):
         dE = step_over(dE, r_ptr, dy_ptr, w_ptr, base, (L // C - 1 - i) * C, T, stride_t, cols, cols, C, LOG_C,
                        STATE_PREC, PIECES, MASK_PREC, True)
-    suf = exp_after(g, LOG_C, C, PIECES, MASK_PREC)
+    suf = suf_factor(g, LOG_C, C, PIECES, MASK_PREC)
     kap = mm(v, tl.trans(dE), STATE_PREC)                                       # dE_J v_s
     kq = k * suf
     store_rows(dk_ptr, base, rows, T, cols, stride_t, DK + bonus * r + suf * kap)
     dv = mm(tl.trans(A), dy, PREC) + tl.sum(r * u[None, :] * k, 1)[:, None] * dy + mm(kq, dE, STATE_PREC)
     store_rows(dv_ptr, base, rows, T, cols, stride_t, dv)
-    DG += masked_sum(before(C, LOG_C), kq * kap, DG_PIECES, MASK_PREC)        # sum over s < m
+    DG += masked_sum(before_mask(C, LOG_C), kq * kap, DG_PIECES, MASK_PREC)        # sum over s < m
     DG += (exp(tl.sum(g, 0)) * tl.sum(S * dE, 1))[None, :]             # the state through the whole sub-block
     store_rows(dw_ptr, base, rows, T, cols, stride_t, tl.where(g > G_ZERO, DG * g, 0.0))
     # du partials: (B * H * NC * L / C, N), one row a program, summed by the caller

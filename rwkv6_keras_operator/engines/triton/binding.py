@@ -23,7 +23,7 @@ from .recurrent import launch_step
 from .scan import launch_scan
 
 CHUNK = 32     # L: tokens per chunk (one stored state each)
-SUB = 32       # C: rows per sub-block (one binary tree of levels; levels.py)
+SUB = 32       # C: rows per sub-block (one binary tree of levels; sub_blocks.py, levels.py)
 
 
 def precisions(x):

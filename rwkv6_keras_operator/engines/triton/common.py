@@ -7,7 +7,7 @@ int64 scalar, `rows` are chunk-relative and `T` counts the rows left from the ch
 States are (B, H, N, N) float32 (S[i, j]: i the key channel, j the value channel).
 
 Exactness (docs/math.md): every decay factor is exp(sum of g over a contiguous range), the sum taken directly
-as a masked product on the tensor cores (levels.masked_sum, in the chunk kernels and the scan), never as a
+as a masked product on the tensor cores (masks.masked_sum, in the chunk kernels and the scan), never as a
 difference of running sums (that cancels when one g is huge, e.g. -1e26), so every exponent is <= 0.
 """
 import os

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import exp, g_rows, head_base, load_rows, mm, precision_args, row_base
-from .levels import after, before, column_sums, masked_sum
+from .masks import after_mask, before_mask, column_sums, masked_sum
 
 
 @triton.jit
@@ -68,13 +68,13 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
         a = load_rows(a_ptr, base, rows, Tc, ik, stride_t)     # (L, BK)
         bm = load_rows(b_ptr, base, rows, Tc, jv, stride_t)    # (L, BV)
         # the decay from each row to the chunk's end (forward: suf) or from its start (backward: pre), as direct
-        # sums of g: masked products on the tensor cores (levels.masked_sum; H200, training shape, bf16, both
+        # sums of g: masked products on the tensor cores (masks.masked_sum; H200, training shape, bf16, both
         # scans 0.72 ms, against 0.99 as cumsums of g loaded one row shifted)
         g = g_rows(w_ptr, base, rows, idx >= 0, Tc, ik, stride_t)
         if REVERSE:
-            D = masked_sum(before(L, LOG_L), g, PIECES, MASK_PREC)
+            D = masked_sum(before_mask(L, LOG_L), g, PIECES, MASK_PREC)
         else:
-            D = masked_sum(after(L, LOG_L), g, PIECES, MASK_PREC)
+            D = masked_sum(after_mask(L, LOG_L), g, PIECES, MASK_PREC)
         # tot[i, j] = sum of g over the chunk for key i, in every value column j: on the tensor cores too (a
         # reduction over the rows crosses warps; it held 36% of the scan's stall samples, H200 profile)
         tot = column_sums(g, L, BV, PIECES, MASK_PREC)

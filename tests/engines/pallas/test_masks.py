@@ -14,8 +14,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from rwkv6_keras_operator.engines.pallas import core  # noqa: E402
 
-MASKS = {"before": core.before_mask, "after": core.after_mask, "pairs": core.pair_mask,
-         "spanned": core.level_mask, "spans": core.span_mask}
+MASKS = {"before_mask": core.before_mask, "after_mask": core.after_mask, "pair_mask": core.pair_mask,
+         "factor_mask": core.level_mask, "span_mask": core.span_mask}
 
 
 @pytest.mark.parametrize("L", [16, 32, 64])

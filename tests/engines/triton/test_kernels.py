@@ -135,7 +135,7 @@ def test_segmented_scan(G):
 @pytest.mark.parametrize("L,C", [(64, 32), (128, 32), (64, 16)])
 def test_sub_blocks_of_longer_chunks(L, C):
     """Chunks of several sub-blocks (a benchmark setting): each program carries the chunk's start state forward and
-    the end state's gradient backward to its own sub-block (forward.step_over)."""
+    the end state's gradient backward to its own sub-block (sub_blocks.step_over)."""
     L0, C0 = binding.CHUNK, binding.SUB
     binding.CHUNK, binding.SUB = L, C
     try:

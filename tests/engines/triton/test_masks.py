@@ -1,4 +1,4 @@
-"""The masks of levels.py against their entry-by-entry definitions (tests/mask_definitions.py), for every level of a
+"""The masks of masks.py against their entry-by-entry definitions (tests/mask_definitions.py), for every level of a
 sub-block, with the level given at run time as in the kernels' level loop. Compiled on a CUDA machine, under the
 Triton interpreter on CPU tensors otherwise (TRITON_INTERPRET=1, as scripts/test.sh sets it)."""
 import os
@@ -19,20 +19,20 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 import triton.language as tl  # noqa: E402
 
-from rwkv6_keras_operator.engines.triton import levels  # noqa: E402
+from rwkv6_keras_operator.engines.triton import masks  # noqa: E402
 
-NAMES = ["before", "after", "pairs", "spanned", "spans"]
+NAMES = ["before_mask", "after_mask", "pair_mask", "factor_mask", "span_mask"]
 
 
 @triton.jit
 def _masks_kernel(out_ptr, shift, C: tl.constexpr):
     i = tl.arange(0, C)
     offs = i[:, None] * C + i[None, :]
-    tl.store(out_ptr + offs, levels.before(C, shift).to(tl.int32))
-    tl.store(out_ptr + C * C + offs, levels.after(C, shift).to(tl.int32))
-    tl.store(out_ptr + 2 * C * C + offs, levels.pairs(C, shift).to(tl.int32))
-    tl.store(out_ptr + 3 * C * C + offs, levels.spanned(C, shift).to(tl.int32))
-    tl.store(out_ptr + 4 * C * C + offs, levels.spans(C, shift).to(tl.int32))
+    tl.store(out_ptr + offs, masks.before_mask(C, shift).to(tl.int32))
+    tl.store(out_ptr + C * C + offs, masks.after_mask(C, shift).to(tl.int32))
+    tl.store(out_ptr + 2 * C * C + offs, masks.pair_mask(C, shift).to(tl.int32))
+    tl.store(out_ptr + 3 * C * C + offs, masks.factor_mask(C, shift).to(tl.int32))
+    tl.store(out_ptr + 4 * C * C + offs, masks.span_mask(C, shift).to(tl.int32))
 
 
 @pytest.mark.parametrize("C", [16, 32, 64])
