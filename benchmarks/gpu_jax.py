@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
 from rwkv6_keras_operator.engines import pallas  # noqa: E402
-from rwkv6_keras_operator.engines.pallas import chunked, core, grads, ops, scan  # noqa: E402
+from rwkv6_keras_operator.engines.pallas import backward, binding, common, forward, scan  # noqa: E402
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -41,7 +41,7 @@ SHAPES = {"train": (8, 4096, 32, 64), "long": (1, 16384, 32, 64), "decode": (64,
 if os.environ.get("SMOKE") == "1":   # a dry run of this script on CPU (RWKV6_PALLAS_INTERPRET=1), tiny shapes
     SHAPES = {"train": (1, 64, 2, 32), "long": (1, 128, 1, 32), "decode": (4, 1, 2, 32)}
 PEER_SHAPES = {"train": "train_8x4096_h32", "long": "long_1x16384_h32", "decode": "decode_64x1_h32"}
-DEFAULTS = {"chunk": pallas.CHUNK, "low_precision": pallas.LOW_PRECISION, **core.TUNING}
+DEFAULTS = {"chunk": pallas.CHUNK, "low_precision": pallas.LOW_PRECISION, **common.TUNING}
 # Configurations timed at the training shape (fwd and fwd+bwd); each changes the defaults above.
 VARIANT_CONFIGS = {
     "default": {},
@@ -92,12 +92,12 @@ def configure(cfg):
     """Set the engine's configuration (read when a function is traced: every timing jits afresh, and the traces
     jax and the engine cached under the previous configuration are dropped)."""
     jax.clear_caches()
-    for cached in (ops.forward, ops.backward, ops.decode):
+    for cached in (binding.forward_op, binding.backward_op, binding.decode_op):
         cached.cache_clear()
     pallas.CHUNK = cfg.get("chunk", DEFAULTS["chunk"])
     pallas.LOW_PRECISION = cfg.get("low_precision", DEFAULTS["low_precision"])
-    for key in core.TUNING:
-        core.TUNING[key] = cfg.get(key, DEFAULTS[key])
+    for key in common.TUNING:
+        common.TUNING[key] = cfg.get(key, DEFAULTS[key])
 
 
 def timeit(f, *args, n=20):
@@ -259,20 +259,20 @@ def kernels():
     configure({})
     B, T, H, N = SHAPES[os.environ.get("KERNELS_SHAPE", "train")]
     r, k, v, w, u, dy, s0 = make(B, T, H, N)
-    L = ops.chunk_length(T, pallas.CHUNK)
-    precisions = ops.precisions(r.dtype, pallas.LOW_PRECISION)
+    L = binding.chunk_length(T, pallas.CHUNK)
+    precisions = binding.precisions(r.dtype, pallas.LOW_PRECISION)
     x4 = [a.reshape(B, T, H, N) for a in (r, k, v, w, dy)]
     ub = jnp.broadcast_to(u[None], (B, H, N))
-    terms = jax.jit(lambda k, v, w: chunked.state_terms(k, v, w, L=L, precisions=precisions))
+    terms = jax.jit(lambda k, v, w: scan.state_terms(k, v, w, L=L, precisions=precisions))
     X, a = terms(x4[1], x4[2], x4[3])
-    sweep = jax.jit(lambda X, a, s0: scan.scan(X, a, s0, precisions=precisions))
+    sweep = jax.jit(lambda X, a, s0: scan.scan_terms(X, a, s0, precisions=precisions))
     starts, _ = sweep(X, a, s0)
-    out = jax.jit(lambda r, k, v, w, u, S: chunked.output(r, k, v, w, u, S, L=L, precisions=precisions))
-    back = jax.jit(lambda r, k, v, w, u, dy, S, D: grads.grads(r, k, v, w, u, dy, S, D, L=L, precisions=precisions))
-    states = jax.jit(lambda k, v, w, s0: scan.states(k, v, w, s0, L=L, precisions=precisions))
+    out = jax.jit(lambda r, k, v, w, u, S: forward.launch_forward(r, k, v, w, u, S, L=L, precisions=precisions))
+    back = jax.jit(lambda r, k, v, w, u, dy, S, D: backward.launch_backward(r, k, v, w, u, dy, S, D, L=L, precisions=precisions))
+    states = jax.jit(lambda k, v, w, s0: scan.launch_scan(k, v, w, s0, L=L, precisions=precisions))
     stream = functools.partial(timeit_stream, n=50)   # device time a call (back to back)
     RESULTS["kernels"] = {
-        "config": {"chunk": L, "prec": precisions.prec.value, "shape": [B, T, H, N], **core.TUNING},
+        "config": {"chunk": L, "prec": precisions.prec.value, "shape": [B, T, H, N], **common.TUNING},
         "states_ms": stream(states, x4[1], x4[2], x4[3], s0),   # what the forward runs (scan.states)
         "state_terms_ms": stream(terms, x4[1], x4[2], x4[3]),
         "scan_ms": stream(sweep, X, a, s0),

@@ -1,16 +1,18 @@
 """The pallas engine: the WKV operator as Pallas kernels (Triton lowering) for jax on CUDA GPUs.
 
-Ships with jaxlib: no CUDA toolkit, compiler or build step. The math is docs/math.md; the kernels are
+Ships with jaxlib: no CUDA toolkit, compiler or build step. The math is docs/math.md, the file layout docs/engines.md
+(the same file names and roles as the Triton engine's):
 
-    chunked.py    per-chunk state terms and outputs         (parallel over chunks, rows, heads)
-    scan.py       the scan of states over chunks            (sequential over chunks)
-    grads.py      the backward inside each chunk            (parallel)
-    recurrent.py  step by step, for short sequences         (decode)
+    forward.py    the outputs of each chunk                  (parallel over chunks, rows, heads)
+    backward.py   the gradients inside each chunk            (parallel)
+    scan.py       the states at the chunk starts             (sequential over chunks)
+    recurrent.py  step by step, for short sequences          (decode)
+    levels.py     the binary tree of levels inside a chunk, masks.py its masks and masked sums
+    common.py     every use of the Pallas API, products, decays, tiles
+    binding.py    the ops composed of kernel launches and their `jax.custom_vjp`
+    sharding.py   makes those ops vmappable and SPMD-shardable
 
-composed by ops.py, made vmappable and SPMD-shardable by sharding.py, and differentiated by one
-`jax.custom_vjp` (vjp.py). All Pallas API use is in core.py; the in-chunk math shared by the kernels is in
-intra.py. `RWKV6_PALLAS_INTERPRET=1` runs the kernels in the
-Pallas interpreter on any device (the CPU tests do).
+`RWKV6_PALLAS_INTERPRET=1` runs the kernels in the Pallas interpreter on any device (the CPU tests do).
 """
 import warnings
 
@@ -25,29 +27,26 @@ DTYPES = ("float32", "bfloat16", "float16")
 DECODE_MAX_T = 16
 # Chunk length of the chunked kernels (a power of two >= 16).
 CHUNK = 32
-# Products for 16-bit inputs: "tf32" (float32 operands on the tensor cores) or "bf16"/"f16" (operands
-# rounded to the input dtype; "bf16" applies to bfloat16 inputs only, float16 inputs then keep tf32). float32
-# inputs always use float32-accurate products. bf16: fwd 3.8 -> 3.2 ms, fwd+bwd 7.3 -> 6.4 ms at the training
-# shape on an H200, worst error against the float64 oracle 2.5e-3 (tf32: 1.7e-3; tolerance 1e-2); since the
-# products with a state are bf16 too and the chunk states are stored in bfloat16 (core.state_prec, state_dtype):
-# fwd+bwd 2.63 ms (device time), worst error 3.1e-3.
+# Products of 16-bit inputs (shared.precisions): BF16 rounds the operands of bfloat16 inputs to bfloat16, the
+# tensor cores' fastest mode, within the bfloat16 tolerance (float16 inputs keep TF32); float32 inputs always get
+# float32-accurate products.
 LOW_PRECISION = Precision.BF16
 
 _warned = set()
 
 
-def _core():
+def _common():
     try:
-        from . import core
+        from . import common
     except Exception:  # noqa: BLE001  (jax without Pallas Triton: the engine is simply unavailable)
         return None
-    return core
+    return common
 
 
 def is_available():
     """True on jax with a CUDA GPU (or with RWKV6_PALLAS_INTERPRET=1)."""
-    core = _core()
-    return core is not None and (core.FORCE_INTERPRET or core.on_gpu())
+    common = _common()
+    return common is not None and (common.FORCE_INTERPRET or common.on_gpu())
 
 
 def supports(r, head_size):
@@ -62,19 +61,19 @@ def supports(r, head_size):
             warnings.warn(f"rwkv6_keras_operator: the pallas engine takes head sizes {HEAD_SIZES} and dtypes "
                           f"{DTYPES}; head_size={head_size}, dtype={dtype} runs the portable engine.")
         return False
-    core = _core()
-    if core.FORCE_INTERPRET:
+    common = _common()
+    if common.FORCE_INTERPRET:
         return True
     if isinstance(r, jax.core.Tracer):
-        return core.on_gpu()
+        return common.on_gpu()
     try:
         return all(d.platform == "gpu" for d in r.devices())
     except AttributeError:
-        return core.on_gpu()
+        return common.on_gpu()
 
 
 def wkv(r, k, v, w, u, s0):
     """y (B, T, H, N) in r's dtype and the float32 state after the last step (B, H, N, N)."""
-    from .vjp import wkv as _wkv
+    from .binding import wkv as _wkv
 
     return _wkv(r, k, v, w, u, s0, chunk=CHUNK, low_precision=LOW_PRECISION, decode_max_t=DECODE_MAX_T)

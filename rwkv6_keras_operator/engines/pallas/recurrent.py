@@ -13,34 +13,34 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import core
+from . import common
 
 
-def _step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, s_ref, *, T, BV):
-    j, h, b = core.program_id(0), core.program_id(1), core.program_id(2)
-    vcols = core.ds(j * BV, BV)
-    u = core.load(u_ref.at[b, h, :])[:, None]
+def step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, s_ref, *, T, BV):
+    j, h, b = common.program_id(0), common.program_id(1), common.program_id(2)
+    vcols = common.ds(j * BV, BV)
+    u = common.load(u_ref.at[b, h, :])[:, None]
 
     def step(t, S):
-        r = core.load(r_ref.at[b, t, h, :])[:, None]
-        k = core.load(k_ref.at[b, t, h, :])[:, None]
-        d = core.exp(core.log_decay(core.load(w_ref.at[b, t, h, :])))[:, None]
-        v = core.load(v_ref.at[b, t, h, vcols])[None, :]
+        r = common.load(r_ref.at[b, t, h, :])[:, None]
+        k = common.load(k_ref.at[b, t, h, :])[:, None]
+        d = common.exp(common.log_decay(common.load(w_ref.at[b, t, h, :])))[:, None]
+        v = common.load(v_ref.at[b, t, h, vcols])[None, :]
         kv = k * v
-        core.store(y_ref.at[b, t, h, vcols], jnp.sum(r * (u * kv + S), axis=0))
+        common.store(y_ref.at[b, t, h, vcols], jnp.sum(r * (u * kv + S), axis=0))
         return d * S + kv
 
-    S = lax.fori_loop(0, T, step, core.load(s0_ref.at[b, h, :, vcols]))
-    core.store(s_ref.at[b, h, :, vcols], S)
+    S = lax.fori_loop(0, T, step, common.load(s0_ref.at[b, h, :, vcols]))
+    common.store(s_ref.at[b, h, :, vcols], S)
 
 
-def recurrent(r, k, v, w, u, s0):
+def launch_step(r, k, v, w, u, s0):
     """y (B, T, H, N) in r's dtype and the final state (B, H, N, N) float32."""
     B, T, H, N = r.shape
-    BV = min(core.TUNING["recurrent_block"], N)
-    kernel = functools.partial(_step_kernel, T=T, BV=BV)
-    return core.call(
-        kernel, grid=(N // BV, H, B), num_warps=core.TUNING["recurrent_warps"], num_stages=2, name="wkv6_recurrent",
+    BV = min(common.TUNING["recurrent_block"], N)
+    kernel = functools.partial(step_kernel, T=T, BV=BV)
+    return common.call(
+        kernel, grid=(N // BV, H, B), num_warps=common.TUNING["recurrent_warps"], num_stages=2, name="wkv6_recurrent",
         out_shape=(jax.ShapeDtypeStruct(r.shape, r.dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(r, k, v, w, u, s0)

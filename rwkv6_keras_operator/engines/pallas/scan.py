@@ -5,14 +5,14 @@
 
 a_c (a column over keys) scales the rows of S. Forward, out[c] is the state at the start of chunk c and the
 final S the state after the last step; backward, out[c] is the gradient of the state at the end of chunk c
-and the final S the gradient of s0. `states` picks one of two ways:
+and the final S the gradient of s0. `launch_scan` picks one of two ways:
 
     enough programs (rows x heads x state blocks >= TUNING["fused_min_programs"]; below
         TUNING["fused_narrow_below"] the key blocks narrow to TUNING["fused_keys_few"] rows): one kernel that builds X_c and a_c from the chunk's own
-        rows as it goes (chunked.ChunkKeys), so X never goes through memory, its loads pipelined ahead of the
+        rows as it goes (levels.ChunkKeys), so X never goes through memory, its loads pipelined ahead of the
         chain (TUNING["fused_stages"]);
-    fewer (short inputs, few rows and heads): chunked.state_terms builds every X_c at once (in parallel over
-        chunks), then `scan` carries S through them; its loads do not depend on S, so they pipeline, and the
+    fewer (short inputs, few rows and heads): state_terms builds every X_c at once (in parallel over
+        chunks), then `scan_terms` carries S through them; its loads do not depend on S, so they pipeline, and the
         sequential steps stay short.
 """
 import functools
@@ -21,77 +21,104 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import core
-from .chunked import blocks, load_keys, state_terms
+from . import common
+from .levels import load_keys
 
 
-def _scan_kernel(x_ref, a_ref, s0_ref, out_ref, last_ref, *, nc, BV, reverse):
-    j, h, b = core.program_id(0), core.program_id(1), core.program_id(2)
-    vcols = core.ds(j * BV, BV)
+def state_terms_kernel(key_ref, val_ref, w_ref, x_ref, a_ref, *, T, L, N, precisions, reverse):
+    c, rows, valid = common.chunk_rows(L, T)
+    h, b = common.program_id(1), common.program_id(2)
+    size, n = common.blocks(N)
+    for i in range(n):
+        kcols = common.ds(i * size, size)
+        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, precisions)
+        common.store(a_ref.at[b, h, c, kcols], kb.tot_factor()[0])
+        kq = kb.state_rows(reverse)
+        for j in range(n):
+            vcols = common.ds(j * size, size)
+            val = common.load(val_ref.at[b, rows, h, vcols], valid)
+            common.store(x_ref.at[b, h, c, kcols, vcols], common.mm(kq, val, precisions.state_prec, ta=True))
+
+
+def state_terms(key, val, w, *, L, precisions, reverse=False):
+    """X (B, H, nc, N, N) and a (B, H, nc, N), float32, for the scan over chunks."""
+    B, T, H, N = key.shape
+    nc = -(-T // L)
+    kernel = functools.partial(state_terms_kernel, T=T, L=L, N=N, precisions=precisions, reverse=reverse)
+    return common.call(
+        kernel, grid=(nc, H, B), num_warps=common.TUNING["terms_warps"], num_stages=2, name="wkv6_state_terms",
+        out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, nc, N), jnp.float32)),
+    )(key, val, w)
+
+
+def scan_terms_kernel(x_ref, a_ref, s0_ref, out_ref, last_ref, *, nc, BV, reverse):
+    j, h, b = common.program_id(0), common.program_id(1), common.program_id(2)
+    vcols = common.ds(j * BV, BV)
 
     def step(i, S):
         c = nc - 1 - i if reverse else i
-        X = core.load(x_ref.at[b, h, c, :, vcols])
-        a = core.load(a_ref.at[b, h, c, :])[:, None]
-        core.store(out_ref.at[b, h, c, :, vcols], S)
+        X = common.load(x_ref.at[b, h, c, :, vcols])
+        a = common.load(a_ref.at[b, h, c, :])[:, None]
+        common.store(out_ref.at[b, h, c, :, vcols], S)
         return a * S + X
 
-    S = lax.fori_loop(0, nc, step, core.load(s0_ref.at[b, h, :, vcols]))
-    core.store(last_ref.at[b, h, :, vcols], S)
+    S = lax.fori_loop(0, nc, step, common.load(s0_ref.at[b, h, :, vcols]))
+    common.store(last_ref.at[b, h, :, vcols], S)
 
 
-def scan(X, a, s0, *, precisions, reverse=False):
+def scan_terms(X, a, s0, *, precisions, reverse=False):
     """out (B, H, nc, N, N) in precisions.states_dtype and the final (B, H, N, N) float32."""
     B, H, nc, N, _ = X.shape
-    BV = min(core.TUNING["scan_block"], N)
-    kernel = functools.partial(_scan_kernel, nc=nc, BV=BV, reverse=reverse)
-    return core.call(
-        kernel, grid=(N // BV, H, B), num_warps=core.TUNING["scan_warps"], num_stages=3, name="wkv6_scan",
+    BV = min(common.TUNING["scan_block"], N)
+    kernel = functools.partial(scan_terms_kernel, nc=nc, BV=BV, reverse=reverse)
+    return common.call(
+        kernel, grid=(N // BV, H, B), num_warps=common.TUNING["scan_warps"], num_stages=3, name="wkv6_scan",
         out_shape=(jax.ShapeDtypeStruct(X.shape, precisions.states_dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(X, a, s0)
 
 
-def _fused_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, L, nc, N, BK, BV, precisions, reverse):
-    j, h, b = core.program_id(0), core.program_id(1), core.program_id(2)
-    kcols = core.ds((j // (N // BV)) * BK, BK)
-    vcols = core.ds((j % (N // BV)) * BV, BV)
+def state_scan_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, L, nc, N, BK, BV, precisions, reverse):
+    j, h, b = common.program_id(0), common.program_id(1), common.program_id(2)
+    kcols = common.ds((j // (N // BV)) * BK, BK)
+    vcols = common.ds((j % (N // BV)) * BV, BV)
 
     def step(i, S):
         c = nc - 1 - i if reverse else i
-        rows = core.ds(c * L, L)
+        rows = common.ds(c * L, L)
         valid = ((c * L + jnp.arange(L)) < T)[:, None]
         kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, precisions)
-        val = core.load(val_ref.at[b, rows, h, vcols], valid)
-        core.store(out_ref.at[b, h, c, kcols, vcols], S)
-        return kb.chunk_tot()[0][:, None] * S + core.mm(kb.state_rows(reverse), val, precisions.state_prec, ta=True)
+        val = common.load(val_ref.at[b, rows, h, vcols], valid)
+        common.store(out_ref.at[b, h, c, kcols, vcols], S)
+        return kb.tot_factor()[0][:, None] * S + common.mm(kb.state_rows(reverse), val, precisions.state_prec, ta=True)
 
-    S = lax.fori_loop(0, nc, step, core.load(s0_ref.at[b, h, kcols, vcols]))
-    core.store(last_ref.at[b, h, kcols, vcols], S)
+    S = lax.fori_loop(0, nc, step, common.load(s0_ref.at[b, h, kcols, vcols]))
+    common.store(last_ref.at[b, h, kcols, vcols], S)
 
 
-def states(key, val, w, s0, *, L, precisions, reverse=False):
+def launch_scan(key, val, w, s0, *, L, precisions, reverse=False):
     """out (B, H, nc, N, N) in precisions.states_dtype and the final (B, H, N, N) float32 of the scan whose
     X_c = sum over the chunk's rows of (key * decay) val^T (decay: to the chunk's end forward, from its start
     backward) and a_c = exp(tot_c)."""
     B, T, H, N = key.shape
     nc = -(-T // L)
-    BV = min(core.TUNING["fused_block"], N)
+    BV = min(common.TUNING["fused_block"], N)
 
     def programs(BK):
         return B * H * (N // BK) * (N // BV)
 
-    BK = blocks(N, core.TUNING["fused_keys"])[0]
-    if programs(BK) < core.TUNING["fused_narrow_below"]:   # few rows and heads: narrower key blocks, more programs
-        BK = blocks(N, core.TUNING["fused_keys_few"])[0]
-    if programs(BK) < core.TUNING["fused_min_programs"]:
+    BK = common.blocks(N, common.TUNING["fused_keys"])[0]
+    if programs(BK) < common.TUNING["fused_narrow_below"]:   # few rows and heads: narrower key blocks, more programs
+        BK = common.blocks(N, common.TUNING["fused_keys_few"])[0]
+    if programs(BK) < common.TUNING["fused_min_programs"]:
         X, a = state_terms(key, val, w, L=L, precisions=precisions, reverse=reverse)
-        return scan(X, a, s0, precisions=precisions, reverse=reverse)
-    kernel = functools.partial(_fused_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, precisions=precisions,
+        return scan_terms(X, a, s0, precisions=precisions, reverse=reverse)
+    kernel = functools.partial(state_scan_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, precisions=precisions,
                                reverse=reverse)
-    return core.call(
-        kernel, grid=((N // BK) * (N // BV), H, B), num_warps=core.TUNING["fused_warps"],
-        num_stages=core.TUNING["fused_stages"],
+    return common.call(
+        kernel, grid=((N // BK) * (N // BV), H, B), num_warps=common.TUNING["fused_warps"],
+        num_stages=common.TUNING["fused_stages"],
         name="wkv6_state_scan",
         out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), precisions.states_dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),

@@ -3,17 +3,17 @@ import contextlib
 
 @contextlib.contextmanager
 def tuning(**settings):
-    """The Pallas engine with some of core.TUNING overridden. Settings are read when a kernel is traced, so jax's
+    """The Pallas engine with some of common.TUNING overridden. Settings are read when a kernel is traced, so jax's
     caches are dropped on the way in and out."""
     import jax
 
-    from rwkv6_keras_operator.engines.pallas import core
+    from rwkv6_keras_operator.engines.pallas import common
 
-    saved = {key: core.TUNING[key] for key in settings}
-    core.TUNING.update(settings)
+    saved = {key: common.TUNING[key] for key in settings}
+    common.TUNING.update(settings)
     jax.clear_caches()
     try:
         yield
     finally:
-        core.TUNING.update(saved)
+        common.TUNING.update(saved)
         jax.clear_caches()

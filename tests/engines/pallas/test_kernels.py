@@ -3,7 +3,7 @@
 On a machine without a CUDA GPU the kernels run in the Pallas interpreter (`interpret=True`, chosen by the engine
 itself), at tiny shapes; on a CUDA machine the same tests run the compiled kernels. The engine is called directly
 with a small chunk (16) so that a few dozen steps already cross several chunks; the operator-level tests force the
-engine with RWKV6_PALLAS_INTERPRET's switch (core.FORCE_INTERPRET).
+engine with RWKV6_PALLAS_INTERPRET's switch (common.FORCE_INTERPRET).
 """
 import numpy as np
 import pytest
@@ -18,7 +18,7 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("jax.experimental.pallas.triton", reason="this jax has no Pallas Triton backend")
 import jax.numpy as jnp  # noqa: E402
 
-from rwkv6_keras_operator.engines.pallas import core, vjp  # noqa: E402
+from rwkv6_keras_operator.engines.pallas import binding, common  # noqa: E402
 
 CHUNK = 16
 TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
@@ -26,7 +26,7 @@ TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (B
 
 
 def engine(chunk=CHUNK, **kw):
-    return lambda r, k, v, w, u, s0: vjp.wkv(r, k, v, w, u, s0, chunk=chunk, **kw)
+    return lambda r, k, v, w, u, s0: binding.wkv(r, k, v, w, u, s0, chunk=chunk, **kw)
 
 
 def heads(x, B, T, H, N, dtype):
@@ -161,7 +161,7 @@ def forced(monkeypatch):
     """The operator's dispatch picks the Pallas engine in the interpreter, on the CPU also where a GPU is (there
     the compiled kernels are tested by test_gpu.py; the interpreter on a GPU would run its float32 products in
     jax's default TF32)."""
-    monkeypatch.setattr(core, "FORCE_INTERPRET", True)
+    monkeypatch.setattr(common, "FORCE_INTERPRET", True)
     with jax.default_device(jax.devices("cpu")[0]):
         yield
 

@@ -12,8 +12,8 @@ pytest.importorskip("jax.experimental.pallas.triton", reason="this jax has no Pa
 
 from tests.engines.pallas import triton_ir, tuning  # noqa: E402
 
-KERNELS = {"wkv6_state_terms", "wkv6_scan", "wkv6_output", "wkv6_grads", "wkv6_recurrent"}
-# the two ways of the state scan (scan.states): state terms then the plain scan, or one fused kernel
+KERNELS = {"wkv6_state_terms", "wkv6_scan", "wkv6_forward", "wkv6_backward", "wkv6_recurrent"}
+# the two ways of the state scan (scan.launch_scan): state terms then the plain scan, or one fused kernel
 STATE_SCANS = {"terms+scan": ({"fused_min_programs": 1 << 30}, {"wkv6_state_terms", "wkv6_scan"}),
                "fused": ({"fused_min_programs": 0}, {"wkv6_state_scan"})}
 HOPPER_SMEM = 227 * 1024
@@ -33,7 +33,7 @@ def test_every_kernel_lowers_to_triton(N, dtype, chunk, low_precision, state_sca
     for name, ir in modules.items():
         assert f"tt.func public @{name}" in ir
     if dtype == "float32":
-        assert "tf32x3" in modules["wkv6_output"], "float32 inputs must use float32-accurate products"
+        assert "tf32x3" in modules["wkv6_forward"], "float32 inputs must use float32-accurate products"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -52,5 +52,5 @@ def test_kernels_compile_for_hopper(dtype):
         assert 0 <= report["smem"] <= HOPPER_SMEM, report
         if "registers" in report:
             assert report["registers"] <= 255, report
-        if report["kernel"] in ("wkv6_state_terms", "wkv6_output", "wkv6_grads"):
+        if report["kernel"] in ("wkv6_state_terms", "wkv6_forward", "wkv6_backward"):
             assert report.get("mma", 1) > 0, f"no tensor-core instructions: {report}"

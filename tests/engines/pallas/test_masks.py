@@ -1,4 +1,4 @@
-"""The masks of core.py against their entry-by-entry definitions (tests/mask_definitions.py), for every level of a
+"""The masks of masks.py against their entry-by-entry definitions (tests/mask_definitions.py), for every level of a
 chunk, with the level a Python int (unrolled level loops) and a traced int32 (fori_loop)."""
 import numpy as np
 import pytest
@@ -12,10 +12,9 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("jax.experimental.pallas.triton", reason="this jax has no Pallas Triton backend")
 import jax.numpy as jnp  # noqa: E402
 
-from rwkv6_keras_operator.engines.pallas import core  # noqa: E402
+from rwkv6_keras_operator.engines.pallas import masks  # noqa: E402
 
-MASKS = {"before_mask": core.before_mask, "after_mask": core.after_mask, "pair_mask": core.pair_mask,
-         "factor_mask": core.level_mask, "span_mask": core.span_mask}
+MASKS = {name: getattr(masks, name) for name in mask_definitions.ALL}
 
 
 @pytest.mark.parametrize("L", [16, 32, 64])

@@ -16,9 +16,9 @@ import subprocess
 import sys
 import tempfile
 
-# kernel: (its entry in core.TUNING for num_warps, or a fixed count; num_stages), as the launchers use them
-LAUNCH = {"wkv6_state_terms": ("terms_warps", 2), "wkv6_state_scan": ("fused_warps", 2), "wkv6_output": ("output_warps", 2),
-          "wkv6_grads": ("grads_warps", 1), "wkv6_scan": ("scan_warps", 3), "wkv6_recurrent": ("recurrent_warps", 2)}
+# kernel: (its entry in common.TUNING for num_warps, or a fixed count; num_stages), as the launchers use them
+LAUNCH = {"wkv6_state_terms": ("terms_warps", 2), "wkv6_state_scan": ("fused_warps", 2), "wkv6_forward": ("output_warps", 2),
+          "wkv6_backward": ("grads_warps", 1), "wkv6_scan": ("scan_warps", 3), "wkv6_recurrent": ("recurrent_warps", 2)}
 
 
 def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2):
@@ -27,7 +27,7 @@ def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2):
     import jax.numpy as jnp
     from jax._src.pallas.triton import pallas_call_registration as registration
 
-    from rwkv6_keras_operator.engines.pallas import core, vjp
+    from rwkv6_keras_operator.engines.pallas import binding, common
 
     lower = registration.lowering.lower_jaxpr_to_triton_module
     modules = {}
@@ -37,15 +37,15 @@ def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2):
         modules.setdefault(jaxpr.debug_info.func_name, result.module.operation.get_asm(enable_debug_info=False))
         return result
 
-    saved = core.interpret
+    saved = common.interpret
     registration.lowering.lower_jaxpr_to_triton_module = capturing
-    core.interpret = lambda: False
+    common.interpret = lambda: False
     try:
         x = jnp.zeros((B, T, H, N), dtype)
         u, s0 = jnp.zeros((H, N), jnp.float32), jnp.zeros((B, H, N, N), jnp.float32)
 
         def f(r, k, v, w, u, s0):
-            return vjp.wkv(r, k, v, w, u, s0, chunk=chunk, low_precision=low_precision)
+            return binding.wkv(r, k, v, w, u, s0, chunk=chunk, low_precision=low_precision)
 
         def loss(*a):
             y, s = f(*a)
@@ -56,19 +56,19 @@ def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2):
             jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower
-        core.interpret = saved
+        common.interpret = saved
     return modules
 
 
 def launch_settings(name, N=64, dtype="bfloat16"):
-    from rwkv6_keras_operator.engines.pallas import core
+    from rwkv6_keras_operator.engines.pallas import common
 
     warps, stages = LAUNCH[name]
     if not isinstance(warps, str):
         return warps, stages
-    if name in ("wkv6_output", "wkv6_grads"):
-        return core.warps(warps, N, dtype), stages
-    return core.TUNING[warps], stages
+    if name in ("wkv6_forward", "wkv6_backward"):
+        return common.warps(warps, N, dtype), stages
+    return common.TUNING[warps], stages
 
 
 def compile_reports(modules, timeout=600, N=64, dtype="bfloat16"):

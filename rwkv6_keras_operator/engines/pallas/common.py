@@ -1,4 +1,5 @@
-"""Pallas plumbing shared by every kernel of this engine, and the in-kernel math of docs/math.md.
+"""Pallas plumbing shared by every kernel of this engine, and the in-kernel helpers of docs/math.md: products at a
+precision, the decays, tile loads.
 
 Everything that touches the Pallas Triton API (`pallas_call`, `plgpu.load/store`, compiler parameters,
 interpret mode) goes through this module, so that a later move to another Pallas backend stays local.
@@ -153,90 +154,21 @@ def log_decay(w):
     return -exp(jnp.minimum(w.astype(F32), W_MAX))
 
 
-def split3(x, pieces=3):
-    """bfloat16 tiles whose sum is the float32 tile x: 3 pieces carry all 24 bits (exact), 2 carry 16, 1 carries 8
-    (shared.Precisions.pieces and dg_pieces)."""
-    hi = x.astype(BF16)
-    if pieces == 1:
-        return (hi,)
-    rest = x - hi.astype(F32)
-    mid = rest.astype(BF16)
-    if pieces == 2:
-        return hi, mid
-    return hi, mid, (rest - mid.astype(F32)).astype(BF16)
-
-
-def masked_sum(mask, parts, prec):
-    """sum_m mask[t, m] * x[m, :] for a 0/1 mask, x given by split3(x), the products at `prec`
-    (shared.Precisions.mask_prec).
-
-    Each product is exact (0 or 1 times a bfloat16 value) and accumulates in float32, so the result is a
-    direct sum of exactly the selected terms: for a mask over a contiguous range of g <= 0 that is the sum
-    of rule 1 (no difference of running sums, no cancellation).
-    """
-    m = mask.astype(BF16)
-    out = None
-    for part in reversed(parts):   # smallest first
-        term = mm(m, part, prec)
-        out = term if out is None else out + term
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------
-# Masks over positions of one chunk of L tokens (t, s, m in [0, L)).
+# Tiles of a kernel: blocks of channels, rows of a chunk, accumulation.
 # --------------------------------------------------------------------------------------------------------
-def log2(L):
-    k = L.bit_length() - 1
-    assert L == 1 << k, L
-    return k
+def blocks(N, most=64):
+    """Block size (at most `most`) for a key or value dimension of size N, and the block count."""
+    size = min(N, most)
+    return size, N // size
 
 
-def in_range(L, lo, hi, rows=True):
-    """[L x L] mask: (rows) row i holds the columns lo[i] <= j < hi[i]; (not rows) column j holds the rows
-    lo[j] <= i < hi[j]. Each entry is two compares against a bound of its row or column (as cheap as a mask gets
-    in the layout of a product's operand, where every warp holds the whole tile)."""
-    i = jnp.arange(L, dtype=jnp.int32)
-    if rows:
-        return (i[None, :] >= lo[:, None]) & (i[None, :] < hi[:, None])
-    return (i[:, None] >= lo[None, :]) & (i[:, None] < hi[None, :])
+def chunk_rows(L, T):
+    c = program_id(0)
+    t0 = c * L
+    return c, ds(t0, L), ((t0 + jnp.arange(L)) < T)[:, None]
 
 
-def before_mask(L, shift):
-    """[t, m]: m lies before t inside t's block of h = 2**shift positions (shift may be traced)."""
-    t = jnp.arange(L, dtype=jnp.int32)
-    return in_range(L, (t >> shift) << shift, t)
-
-
-def after_mask(L, shift):
-    """[s, m]: m lies after s inside s's block of h = 2**shift positions."""
-    s = jnp.arange(L, dtype=jnp.int32)
-    return in_range(L, s + 1, ((s >> shift) + 1) << shift)
-
-
-def pair_mask(L, shift):
-    """[t, s]: the pairs split at level h = 2**shift: t in the lower, s in the upper half of a 2h-block (rows t of
-    upper halves hold none)."""
-    t = jnp.arange(L, dtype=jnp.int32)
-    lo = (t >> (shift + 1)) << (shift + 1)
-    return in_range(L, lo, jnp.where(((t >> shift) & 1) == 1, lo + (1 << shift), lo))
-
-
-def span_bounds(L, shift):
-    """[lo_q, hi_q): the positions m whose d_m position q's level-2**shift factor holds: m in q's own h-block, before
-    q where q lies in a lower half (q is a later member t of a pair: pre_h) and after q where it lies in an upper half
-    (an earlier member s: suf_h)."""
-    q = jnp.arange(L, dtype=jnp.int32)
-    blk = (q >> shift) << shift
-    lower = ((q >> shift) & 1) == 1
-    return jnp.where(lower, blk, q + 1), jnp.where(lower, q, blk + (1 << shift))
-
-
-def level_mask(L, shift):
-    """[q, m]: the range of g summed into q's level-2**shift factor (intra.ChunkKeys.level)."""
-    return in_range(L, *span_bounds(L, shift))
-
-
-def span_mask(L, shift):
-    """[m, q]: for the pairs of level h = 2**shift, q is a position whose term spans m: q after m in a
-    lower half (q is the later member t of a pair), or q before m in an upper half (q is the earlier s)."""
-    return in_range(L, *span_bounds(L, shift), rows=False)
+def add(acc, x):
+    """acc + x, with acc None for an empty sum (so the first term is taken as it is)."""
+    return x if acc is None else acc + x

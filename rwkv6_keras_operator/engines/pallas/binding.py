@@ -1,0 +1,114 @@
+"""The kernels bound to jax: the engine's ops as compositions of kernel launches, and one `jax.custom_vjp`.
+
+    forward_op(r, k, v, w, u, s0)                 -> y, final state, states at the chunk starts
+    backward_op(r, k, v, w, u, starts, dy, dsT)   -> dr, dk, dv, dw, du, ds0
+    decode_op(r, k, v, w, u, s0)                  -> y, final state          (step by step, short T)
+
+r, k, v, w, dy: (B, T, H, N) of one dtype; u: (B, H, N) float32 (one row per batch row, so that folding vmapped
+axes into B stays exact); s0, dsT: (B, H, N, N) float32. Every op maps (row, head) pairs independently, which
+`sharding.parallel_op` turns into vmap and SPMD rules.
+
+Forward without differentiation: the step-by-step kernel for T <= decode_max_t, else the chunked ops. Under
+differentiation the forward always runs chunked and keeps the states at the chunk starts ((B, H, nc, N, N), in
+Precisions.states_dtype) for the backward, which rebuilds everything else inside each chunk.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .. import shared
+from ..shared import Precision
+from . import backward, common, forward, recurrent, scan
+from .sharding import parallel_op
+
+X4 = "b t h n"
+U = "b h n"
+S = "b h n m"
+STATES = "b h c n m"
+
+
+def forward_impl(r, k, v, w, u, s0, *, L, precisions):
+    starts, last = scan.launch_scan(k, v, w, s0, L=L, precisions=precisions)
+    return forward.launch_forward(r, k, v, w, u, starts, L=L, precisions=precisions), last, starts
+
+
+def backward_impl(r, k, v, w, u, starts, dy, dsT, *, L, precisions):
+    dends, ds0 = scan.launch_scan(r, dy, w, dsT, L=L, precisions=precisions, reverse=True)
+    dr, dk, dv, dw, du = backward.launch_backward(r, k, v, w, u, dy, starts, dends, L=L, precisions=precisions)
+    return dr, dk, dv, dw, du.sum(axis=2), ds0
+
+
+def decode_impl(r, k, v, w, u, s0):
+    return recurrent.launch_step(r, k, v, w, u, s0)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_op(L, precisions):
+    return parallel_op(functools.partial(forward_impl, L=L, precisions=precisions), (X4, X4, X4, X4, U, S),
+                       (X4, S, STATES))
+
+
+@functools.lru_cache(maxsize=None)
+def backward_op(L, precisions):
+    return parallel_op(functools.partial(backward_impl, L=L, precisions=precisions),
+                       (X4, X4, X4, X4, U, STATES, X4, S), (X4, X4, X4, X4, U, S))
+
+
+@functools.lru_cache(maxsize=None)
+def decode_op():
+    return parallel_op(decode_impl, (X4, X4, X4, X4, U, S), (X4, S))
+
+
+def chunk_length(T, chunk):
+    """Chunk length: `chunk` (a power of two >= 16), or the power of two >= T when T is shorter, at least 16 (the
+    smallest side of a tile product)."""
+    return shared.chunk_length(T, chunk, 16)
+
+
+def precisions(dtype, low_precision):
+    """The shared.Precisions of the kernels for inputs of `dtype`; in the interpreter, float32 inputs get exact float32
+    products (IEEE)."""
+    p = shared.precisions(jnp.dtype(dtype).name, low_precision)
+    if p.prec is Precision.TF32X3 and common.interpret():
+        p = dataclasses.replace(p, prec=Precision.IEEE, state_prec=Precision.IEEE)
+    return p
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _wkv(r, k, v, w, u, s0, config):
+    L, precisions, decode_max_t = config
+    if r.shape[1] <= decode_max_t:
+        return decode_op()(r, k, v, w, u, s0)
+    y, last, _ = forward_op(L, precisions)(r, k, v, w, u, s0)
+    return y, last
+
+
+def _wkv_fwd(r, k, v, w, u, s0, config):
+    L, precisions, _ = config
+    y, last, starts = forward_op(L, precisions)(r, k, v, w, u, s0)
+    return (y, last), (r, k, v, w, u, starts)
+
+
+def _wkv_bwd(config, residuals, cotangents):
+    L, precisions, _ = config
+    r, k, v, w, u, starts = residuals
+    dy, dlast = cotangents
+    return backward_op(L, precisions)(r, k, v, w, u, starts, dy.astype(r.dtype), dlast.astype(jnp.float32))
+
+
+_wkv.defvjp(_wkv_fwd, _wkv_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "low_precision", "decode_max_t"))
+def wkv(r, k, v, w, u, s0, *, chunk=32, low_precision=Precision.TF32, decode_max_t=16):
+    """r, k, v, w: (B, T, H, N) of one float dtype; u: (H, N); s0: (B, H, N, N) float32 or None.
+
+    Jitted: called eagerly, one cached program runs instead of a dozen dispatches; inside a caller's jit (or
+    grad, vmap, shard_map) it is simply inlined."""
+    B, T, H, N = r.shape
+    u = jnp.broadcast_to(jnp.asarray(u, jnp.float32)[None], (B, H, N))
+    s0 = jnp.zeros((B, H, N, N), jnp.float32) if s0 is None else jnp.asarray(s0, jnp.float32)
+    config = (chunk_length(T, chunk), precisions(r.dtype, low_precision), decode_max_t)
+    return _wkv(r, k, v, w, u, s0, config)
