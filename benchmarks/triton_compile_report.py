@@ -24,9 +24,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rwkv6_keras_operator.engines.triton import backward, binding, forward  # noqa: E402
+from rwkv6_keras_operator.engines.triton import backward, forward  # noqa: E402
 from rwkv6_keras_operator.engines.shared import precisions  # noqa: E402
 from rwkv6_keras_operator.engines.triton.common import precision_args  # noqa: E402
+from rwkv6_keras_operator.engines.triton.settings import Settings  # noqa: E402
 
 TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SPECIALIZED = ("T", "H", "stride_t")   # the runtime sees them divisible by 16 at the benchmark shapes
@@ -112,7 +113,7 @@ def main():
     N = int(os.environ.get("N", "64"))
     dtype = os.environ.get("DTYPE", "bfloat16")
     chunks = [tuple(map(int, c.split("/"))) for c in os.environ.get(
-        "CHUNKS", f"{binding.CHUNK}/{binding.SUB}").split(",")]
+        "CHUNKS", f"{Settings().chunk}/{Settings().sub_block}").split(",")]
     warps_list = [int(w) for w in os.environ.get("WARPS", "4,8").split(",")]
     maxnreg = int(os.environ["MAXNREG"]) if os.environ.get("MAXNREG") else None
     top = int(os.environ.get("LINES", "0"))

@@ -8,10 +8,14 @@ kernels on CPU tensors under TRITON_INTERPRET=1 by calling `wkv` directly.
 import importlib.util
 import warnings
 
+from .settings import Settings
+
 NAME = "triton"
 BACKEND = "torch"
 HEAD_SIZES = (16, 32, 64, 128)
 DTYPES = ("float32", "bfloat16", "float16")
+# The launch settings of the operator's calls (tests and benchmarks pass their own to binding.wkv).
+SETTINGS = Settings()
 
 
 def _probe():
@@ -50,4 +54,4 @@ def supports(r, head_size):
 def wkv(r, k, v, w, u, s0):
     from .binding import wkv as _wkv
 
-    return _wkv(r, k, v, w, u, s0)
+    return _wkv(r, k, v, w, u, s0, SETTINGS)

@@ -88,23 +88,16 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     tl.store(du_ptr + pid.to(tl.int64) * N + cols, tl.sum(r * k * vdy[:, None], 0))
 
 
-# Launch settings, by head size; the benchmark may override them (benchmarks/gpu_torch.py, VARIANTS=1).
-TUNE = {}
-
-
-def backward_config(N):
-    """(num_warps, num_stages, maxnreg). H200, training shape, bf16: 4 warps 2.96 ms, 8 warps 4.16, 16 warps 7.57.
-    maxnreg (None: the compiler's choice) caps the registers a thread."""
-    return TUNE.get(N, (4, 1, None) if N <= 64 else (8, 1, None))
-
-
-def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, L, C):
-    """precisions: the shared.Precisions of the inputs; du_part: (B * H * NC * L / C, N) float32."""
+def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, settings, L):
+    """precisions: the shared.Precisions of the inputs; settings: settings.Settings; L: the chunk length;
+    du_part: (B * H * NC * L / C, N) float32."""
     B, T, H, N = r.shape
     NC = -(-T // L)
-    warps, stages, maxnreg = backward_config(N)
+    C = settings.sub_block
+    launch = settings.backward_for(N)
     grid = (B * H * NC * (L // C),)
     backward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, dstates, dy,
                           dr, dk, dv, dw, du_part, T, H, NC, H * N, int(s0 is not None),
                           N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions),
-                          num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+                          num_warps=launch.num_warps, num_stages=launch.num_stages,
+                          **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}))

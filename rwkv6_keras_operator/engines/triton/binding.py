@@ -2,12 +2,13 @@
 the engine runs in eager mode, under torch.compile(fullgraph=True) and inside CUDA-graph capture (no host sync
 anywhere: shapes alone decide every launch).
 
-    rwkv6_triton::forward(r, k, v, w, u, s0?) -> (y, state, states)
-    rwkv6_triton::backward(r, k, v, w, u, s0?, states, dy, dstate?) -> (dr, dk, dv, dw, du, ds0)
+    rwkv6_triton::forward(r, k, v, w, u, s0?, settings) -> (y, state, states)
+    rwkv6_triton::backward(r, k, v, w, u, s0?, states, dy, dstate?, settings) -> (dr, dk, dv, dw, du, ds0)
 
 `states` holds the start state of chunks 1 .. NC-1 (B, H, NC-1, N, N): with the inputs, all the forward saves for
 the backward (the start of chunk 0 is s0 itself), in `states_dtype` (shared.Precisions.states_dtype).
-T == 1 runs the one-step kernel (decode).
+T == 1 runs the one-step kernel (decode). `settings` is a settings.Settings as its key string (an op takes tensors
+and scalars only).
 """
 import dataclasses
 from typing import Optional
@@ -21,9 +22,7 @@ from .backward import launch_backward
 from .forward import launch_forward
 from .recurrent import launch_step
 from .scan import launch_scan
-
-CHUNK = 32     # L: tokens per chunk (one stored state each)
-SUB = 32       # C: rows per sub-block (one binary tree of levels; sub_blocks.py, levels.py)
+from .settings import Settings
 
 
 def precisions(x):
@@ -41,10 +40,6 @@ def states_dtype(x):
     return getattr(torch, precisions(x).states_dtype)
 
 
-def _n_chunks(T):
-    return (T + CHUNK - 1) // CHUNK
-
-
 def _device(x):
     return torch.cuda.device(x.device) if x.is_cuda else _NoDevice()
 
@@ -57,27 +52,33 @@ class _NoDevice:
         return False
 
 
-def forward_impl(r, k, v, w, u, s0):
+def n_chunks(T, settings):
+    """NC, the chunks of a sequence of T tokens."""
+    return -(-T // settings.chunk_length(T))
+
+
+def forward_impl(r, k, v, w, u, s0, settings):
     B, T, H, N = r.shape
     r, k, v, w = (x.contiguous() for x in (r, k, v, w))
     u = u.to(torch.float32).contiguous()
     s0 = None if s0 is None else s0.to(torch.float32).contiguous()
     y = torch.empty(r.shape, dtype=r.dtype, device=r.device)
     state = torch.empty((B, H, N, N), dtype=torch.float32, device=r.device)
-    states = torch.empty((B, H, _n_chunks(T) - 1, N, N), dtype=states_dtype(r), device=r.device)
+    states = torch.empty((B, H, n_chunks(T, settings) - 1, N, N), dtype=states_dtype(r), device=r.device)
     with _device(r):
         if T == 1:
             launch_step(r, k, v, w, u, s0, y, state)
         else:
-            p = precisions(r)
-            launch_scan(k, v, w, s0, state, states, False, p, CHUNK)
-            launch_forward(r, k, v, w, u, s0, states, y, p, CHUNK, SUB)
+            p, L = precisions(r), settings.chunk_length(T)
+            launch_scan(k, v, w, s0, state, states, False, p, settings, L)
+            launch_forward(r, k, v, w, u, s0, states, y, p, settings, L)
     return y, state, states
 
 
-def backward_impl(r, k, v, w, u, s0, states, dy, dstate):
+def backward_impl(r, k, v, w, u, s0, states, dy, dstate, settings):
     B, T, H, N = r.shape
-    NC = _n_chunks(T)
+    L, C = settings.chunk_length(T), settings.sub_block
+    NC = -(-T // L)
     r, k, v, w = (x.contiguous() for x in (r, k, v, w))
     u = u.to(torch.float32).contiguous()
     s0 = None if s0 is None else s0.to(torch.float32).contiguous()
@@ -87,35 +88,36 @@ def backward_impl(r, k, v, w, u, s0, states, dy, dstate):
     dstates = torch.empty((B, H, NC, N, N), dtype=states_dtype(r), device=dev)
     ds0 = torch.empty((B, H, N, N) if s0 is not None else (0,), dtype=torch.float32, device=dev)
     dr, dk, dv, dw = (torch.empty(r.shape, dtype=r.dtype, device=dev) for _ in range(4))
-    du_part = torch.empty((B, H, NC * (CHUNK // SUB), N), dtype=torch.float32, device=dev)   # one row a program
+    du_part = torch.empty((B, H, NC * (L // C), N), dtype=torch.float32, device=dev)   # one row a program
     p = precisions(r)
     with _device(r):
-        launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, p, CHUNK)
-        launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, p, CHUNK, SUB)
+        launch_scan(r, dy, w, dstate, ds0 if s0 is not None else None, dstates, True, p, settings, L)
+        launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, p, settings, L)
     return dr, dk, dv, dw, du_part.sum((0, 2)), ds0
 
 
 @torch.library.custom_op("rwkv6_triton::forward", mutates_args=())
-def forward_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
-               s0: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    return forward_impl(r, k, v, w, u, s0)
+def forward_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Optional[Tensor],
+               settings: str) -> tuple[Tensor, Tensor, Tensor]:
+    return forward_impl(r, k, v, w, u, s0, Settings.from_key(settings))
 
 
 @forward_op.register_fake
-def _forward_fake(r, k, v, w, u, s0):
+def _forward_fake(r, k, v, w, u, s0, settings):
     B, T, H, N = r.shape
     return (r.new_empty(r.shape), r.new_empty((B, H, N, N), dtype=torch.float32),
-            r.new_empty((B, H, (T + CHUNK - 1) // CHUNK - 1, N, N), dtype=states_dtype(r)))
+            r.new_empty((B, H, n_chunks(T, Settings.from_key(settings)) - 1, N, N), dtype=states_dtype(r)))
 
 
 @torch.library.custom_op("rwkv6_triton::backward", mutates_args=())
 def backward_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Optional[Tensor], states: Tensor,
-                dy: Tensor, dstate: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return backward_impl(r, k, v, w, u, s0, states, dy, dstate)
+                dy: Tensor, dstate: Optional[Tensor], settings: str
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backward_impl(r, k, v, w, u, s0, states, dy, dstate, Settings.from_key(settings))
 
 
 @backward_op.register_fake
-def _backward_fake(r, k, v, w, u, s0, states, dy, dstate):
+def _backward_fake(r, k, v, w, u, s0, states, dy, dstate, settings):
     B, T, H, N = r.shape
     ds0 = r.new_empty((B, H, N, N) if s0 is not None else (0,), dtype=torch.float32)
     return (r.new_empty(r.shape), r.new_empty(r.shape), r.new_empty(r.shape), r.new_empty(r.shape),
@@ -123,11 +125,12 @@ def _backward_fake(r, k, v, w, u, s0, states, dy, dstate):
 
 
 def _setup_context(ctx, inputs, output):
-    r, k, v, w, u, s0 = inputs
+    r, k, v, w, u, s0, settings = inputs
     # Outputs nobody differentiated (the final state, usually; the saved states, always) get None, not zeros: zeros
     # would cost a memset of every chunk state (537 MB at B=8, T=4096, H=32) for nothing.
     ctx.set_materialize_grads(False)
     ctx.has_s0 = s0 is not None
+    ctx.settings = settings
     ctx.save_for_backward(r, k, v, w, u, s0, output[2])
     ctx.mark_non_differentiable(output[2])
 
@@ -136,19 +139,20 @@ def _backward(ctx, dy, dstate, _dstates):
     r, k, v, w, u, s0, states = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(r)
-    dr, dk, dv, dw, du, ds0 = backward_op(r, k, v, w, u, s0, states, dy, dstate)
-    return dr, dk, dv, dw, du.to(u.dtype), (ds0 if ctx.has_s0 else None)
+    dr, dk, dv, dw, du, ds0 = backward_op(r, k, v, w, u, s0, states, dy, dstate, ctx.settings)
+    return dr, dk, dv, dw, du.to(u.dtype), (ds0 if ctx.has_s0 else None), None
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def wkv(r, k, v, w, u, s0=None):
-    """(y, state): the engine protocol's wkv on torch tensors (B, T, H, N); u (H, N); s0 (B, H, N, N) or None."""
+def wkv(r, k, v, w, u, s0=None, settings=Settings()):
+    """(y, state): the engine protocol's wkv on torch tensors (B, T, H, N); u (H, N); s0 (B, H, N, N) or None;
+    settings: the kernels' launch settings (settings.Settings)."""
     needs_graph = torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, k, v, w, u, s0)))
     if needs_graph:
-        y, state, _ = forward_op(r, k, v, w, u, s0)
+        y, state, _ = forward_op(r, k, v, w, u, s0, settings.key)
     else:  # eager inference: the same implementation without the dispatcher's overhead
-        y, state, _ = forward_impl(r, k, v, w, u, s0)
+        y, state, _ = forward_impl(r, k, v, w, u, s0, settings)
     return y, state

@@ -49,26 +49,16 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
     store_rows(y_ptr, base, rows, T, jv, stride_t, y)
 
 
-# Launch settings, by head size; the benchmark may override them (benchmarks/gpu_torch.py, VARIANTS=1).
-TUNE = {}
-
-
-def forward_config(N):
-    """(BV, num_warps, maxnreg): one program covers all value channels up to N = 64; N = 128 splits them in two.
-    maxnreg (None: the compiler's choice) caps the registers a thread, so that more programs fit on an SM: H200,
-    training shape, bf16, 4 warps: 0.938 ms uncapped (168 registers, 3 programs an SM), 0.872 at 128 (4 programs),
-    0.925 at 96; 8 warps: 1.97."""
-    return TUNE.get(N, (N, 4, 128) if N <= 64 else (64, 8, None))
-
-
-def launch_forward(r, k, v, w, u, s0, states, y, precisions, L, C):
-    """precisions: the shared.Precisions of the inputs."""
+def launch_forward(r, k, v, w, u, s0, states, y, precisions, settings, L):
+    """precisions: the shared.Precisions of the inputs; settings: settings.Settings; L: the chunk length."""
     B, T, H, N = r.shape
     NC = -(-T // L)
-    BV, warps, maxnreg = forward_config(N)
+    C = settings.sub_block
+    launch = settings.forward_for(N)
+    BV = launch.block_v
     grid = (B * H * NC * (L // C), N // BV)
     forward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, y,
                          T, H, NC, H * N, int(s0 is not None),
                          N=N, BV=BV, L=L, C=C, LOG_C=C.bit_length() - 1,
                          **precision_args(precisions, "PREC", "STATE_PREC", "PIECES", "MASK_PREC"),
-                         num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+                         num_warps=launch.num_warps, **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}))

@@ -132,46 +132,16 @@ def fixup_kernel(chunks_ptr, seg_ptr, cum_ptr, NC, M, SEG, N: tl.constexpr, G: t
     tl.store(chunks_ptr + offs, fixed.to(chunks_ptr.dtype.element_ty))
 
 
-# Launch settings override (benchmarks/gpu_torch.py, VARIANTS=1): {"many": (BK, BV, warps, stages), "few": ...,
-# "segments": G}
-TUNE = {}
-
-
-def regime(N, BH):
-    """"many" heads (key blocks of 32) or "few" (blocks of 16; there the segments add the programs)."""
-    return "many" if BH * max(N // 16, 1) >= 512 and N >= 32 else "few"
-
-
-def scan_tiles(N, BH):
-    """(BK, BV, num_warps, num_stages) for the scan, by regime(). H200, bf16, 32-token chunks, both scans: training
-    shape (B*H = 256) 32 x 64 tiles 1.02 ms (16 x 64: 1.22); long context (B*H = 32) 16 x 64 tiles in 16 segments
-    1.07 ms (16 x 32 tiles in one segment: 1.55)."""
-    key = regime(N, BH)
-    return TUNE.get(key, (min(N, 32 if key == "many" else 16), min(N, 64), 4, 3))
-
-
-def segments(NC, programs):
-    """G: segments scanned at once when fewer than 128 programs would walk the whole sequence, up to about 512
-    programs, each over at least 32 chunks. The fix-up reads and writes every stored state once more, which costs
-    more than it saves with enough programs (H200, bf16, both scans: training shape, 512 programs, 0.98 ms in one
-    segment, 1.65 in two, measured with the cumsum sums of an earlier version; long context, 128 programs, with
-    the tile totals as products: G = 1, 2, 4, 8, 16 took 0.690, 0.766, 0.735, 0.769, 0.887 ms)."""
-    if "segments" in TUNE:
-        return max(1, min(TUNE["segments"], NC))
-    if programs >= 128:
-        return 1
-    return max(1, min(512 // programs, NC // 32))
-
-
-def launch_scan(a, b, w, init, out, chunks, reverse, precisions, L):
+def launch_scan(a, b, w, init, out, chunks, reverse, precisions, settings, L):
     """a, b, w: (B, T, H, N); init: (B, H, N, N) float32 or None; out: (B, H, N, N) or None (not stored);
     chunks: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward, in precisions.states_dtype;
-    precisions: the shared.Precisions of the inputs."""
+    precisions: the shared.Precisions of the inputs; settings: settings.Settings; L: the chunk length."""
     B, T, H, N = a.shape
     NC = -(-T // L)
-    BK, BV, warps, stages = scan_tiles(N, B * H)
+    launch = settings.scan_for(N, B * H)
+    BK, BV = launch.block_k, launch.block_v
     tiles = (N // BK, N // BV)
-    G = segments(NC, B * H * tiles[0] * tiles[1])
+    G = settings.segments_for(NC, B * H * tiles[0] * tiles[1])
     SEG = -(-NC // G)
     G = -(-NC // SEG)
     dummy = chunks if chunks.numel() else a
@@ -186,11 +156,12 @@ def launch_scan(a, b, w, init, out, chunks, reverse, precisions, L):
         a, b, w, init_arg, out_arg, chunks, seg, seg_log, cum,
         T, H, NC, SEG, H * N, int(init is not None),
         N=N, L=L, LOG_L=L.bit_length() - 1, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None,
-        **precision_args(precisions, "STATE_PREC", "PIECES", "MASK_PREC"), num_warps=warps, num_stages=stages)
+        **precision_args(precisions, "STATE_PREC", "PIECES", "MASK_PREC"), num_warps=launch.num_warps,
+        num_stages=launch.num_stages)
     if G > 1:
         combine_kernel[(B * H,) + tiles](init_arg, out_arg, seg, seg_log, int(init is not None),
                                          N=N, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None,
-                                         num_warps=warps)
+                                         num_warps=launch.num_warps)
         if chunks.numel():
             M = NC if reverse else NC - 1
             fixup_kernel[(B * H * M,)](chunks, seg, cum, NC, M, SEG, N=N, G=G, num_warps=4)

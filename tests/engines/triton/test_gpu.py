@@ -21,7 +21,8 @@ if not torch.cuda.is_available():
 from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
 from rwkv6_keras_operator.engines import portable  # noqa: E402
 from rwkv6_keras_operator.engines import triton as engine  # noqa: E402
-from rwkv6_keras_operator.engines.triton import scan  # noqa: E402
+from rwkv6_keras_operator.engines.triton import binding  # noqa: E402
+from rwkv6_keras_operator.engines.triton.settings import ScanLaunch, Settings  # noqa: E402
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
@@ -216,12 +217,9 @@ def test_int64_offsets_and_large_grids():
     w = torch.randn(B, T, H, N, device="cuda", generator=g, dtype=torch.bfloat16) - 1
     u = torch.randn(H, N, device="cuda", generator=g) * 0.5
     # the same scan settings for both calls (by default the lone row would get a segmented scan: other roundings)
-    scan.TUNE.update({"few": (32, 64, 4, 3), "segments": 1})
-    try:
-        with torch.no_grad():
-            y, s = engine.wkv(r, k, v, w, u, None)
-            y1, s1 = engine.wkv(*(a[-1:].clone() for a in (r, k, v, w)), u, None)
-    finally:
-        scan.TUNE.clear()
+    settings = Settings(scan=ScanLaunch(32, 64, 4, 3), segments=1)
+    with torch.no_grad():
+        y, s = binding.wkv(r, k, v, w, u, None, settings)
+        y1, s1 = binding.wkv(*(a[-1:].clone() for a in (r, k, v, w)), u, None, settings)
     assert torch.equal(y[-1:], y1) and torch.equal(s[-1:], s1)
     assert torch.isfinite(y[-1]).all()

@@ -24,15 +24,17 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 
 from rwkv6_keras_operator.engines import triton as engine  # noqa: E402
 from rwkv6_keras_operator.engines.triton import binding  # noqa: E402
+from rwkv6_keras_operator.engines.triton.settings import Settings  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run(x, dtype="float32", init=None, state_map=None, dy=None, dstate=None):
+def run(x, dtype="float32", init=None, state_map=None, dy=None, dstate=None, settings=None):
     """Engine output, final state and gradients (r, k, v, w, u, init) of sum(y * dy) + sum(state * dstate).
 
-    init: (n, H, N, N) NumPy start states; row b starts from init[state_map[b]] (the gather the operator does)."""
+    init: (n, H, N, N) NumPy start states; row b starts from init[state_map[b]] (the gather the operator does).
+    settings: launch settings (settings.Settings) for binding.wkv; None: the engine's own wkv."""
     B, T, C = x["r"].shape
     H, N = x["u"].shape
     dt = TORCH_DTYPES[dtype]
@@ -44,7 +46,10 @@ def run(x, dtype="float32", init=None, state_map=None, dy=None, dstate=None):
         index = torch.tensor(np.arange(B) if state_map is None else np.asarray(state_map), device=DEVICE)
         s0 = leaves[-1][index]
     r, k, v, w = (a.view(B, T, H, N) for a in leaves[:4])
-    y, state = engine.wkv(r, k, v, w, leaves[4], s0)
+    if settings is None:
+        y, state = engine.wkv(r, k, v, w, leaves[4], s0)
+    else:
+        y, state = binding.wkv(r, k, v, w, leaves[4], s0, settings)
     loss = (y.float().reshape(B, T, C) * torch.tensor(dy, device=DEVICE)).sum()
     if dstate is not None:
         loss = loss + (state * torch.tensor(dstate, device=DEVICE)).sum()
@@ -54,7 +59,7 @@ def run(x, dtype="float32", init=None, state_map=None, dy=None, dstate=None):
     return as_np(y).reshape(B, T, C), as_np(state), [as_np(g) for g in grads]
 
 
-def check(B, T, H, N, decay, dtype="float32", n_state=None, state_map=None, with_dstate=True, seed=0):
+def check(B, T, H, N, decay, dtype="float32", n_state=None, state_map=None, with_dstate=True, seed=0, settings=None):
     x = make_inputs(B, T, H, N, seed, decay=decay, n_state=n_state)
     if dtype != "float32":
         x.update({n: bf16_round(x[n]) if dtype == "bfloat16" else x[n].astype(np.float16).astype(np.float32)
@@ -63,7 +68,7 @@ def check(B, T, H, N, decay, dtype="float32", n_state=None, state_map=None, with
     dy = rounded(rng.standard_normal((B, T, H * N)), dtype)   # the cotangent of y has y's dtype
     dstate = rng.standard_normal((B, H, N, N)).astype(np.float32) if with_dstate else None
     init = x.get("init_state")
-    y, state, grads = run(x, dtype, init, state_map, dy, dstate)
+    y, state, grads = run(x, dtype, init, state_map, dy, dstate, settings)
     y_ref, s_ref = wkv_reference(*(x[n] for n in "rkvwu"), N, init, state_map)
     g_ref = wkv_reference_grads(*(x[n] for n in "rkvwu"), N, dy, dstate, init, state_map)
     tol_out, tol_grad = (FP32_OUT, FP32_GRAD) if dtype == "float32" else (BF16, BF16)
@@ -121,27 +126,17 @@ def test_segmented_scan(G):
     """The scan cut into G segments scanned at once (long sequences, few heads), combined and fixed up after:
     T = 300 is 10 chunks, so G = 3 gives segments of 4, 4 and 2 chunks. bfloat16: the stored chunk states are
     bfloat16 (binding.states_dtype), fixed up in float32."""
-    from rwkv6_keras_operator.engines.triton import scan
-
-    scan.TUNE["segments"] = G
-    try:
-        check(2, 300, 1, 16, "masks", n_state=3, state_map=[2, 0])
-        check(1, 290, 1, 32, "strong", n_state=1)
-        check(1, 300, 1, 16, "masks", dtype="bfloat16", n_state=1)
-    finally:
-        scan.TUNE.clear()
+    settings = Settings(segments=G)
+    check(2, 300, 1, 16, "masks", n_state=3, state_map=[2, 0], settings=settings)
+    check(1, 290, 1, 32, "strong", n_state=1, settings=settings)
+    check(1, 300, 1, 16, "masks", dtype="bfloat16", n_state=1, settings=settings)
 
 
 @pytest.mark.parametrize("L,C", [(64, 32), (128, 32), (64, 16)])
 def test_sub_blocks_of_longer_chunks(L, C):
     """Chunks of several sub-blocks (a benchmark setting): each program carries the chunk's start state forward and
     the end state's gradient backward to its own sub-block (sub_blocks.step_over)."""
-    L0, C0 = binding.CHUNK, binding.SUB
-    binding.CHUNK, binding.SUB = L, C
-    try:
-        check(2, 150, 1, 32, "masks", n_state=2)
-    finally:
-        binding.CHUNK, binding.SUB = L0, C0
+    check(2, 150, 1, 32, "masks", n_state=2, settings=Settings(chunk=L, sub_block=C))
 
 
 def test_unused_outputs_get_no_zero_gradients(monkeypatch):
@@ -149,7 +144,7 @@ def test_unused_outputs_get_no_zero_gradients(monkeypatch):
     for the final state and the saved chunk states (a memset of every state, 537 MB at the training shape)."""
     seen = []
     backward_op = binding.backward_op
-    monkeypatch.setattr(binding, "backward_op", lambda *a: seen.append(a[-1]) or backward_op(*a))
+    monkeypatch.setattr(binding, "backward_op", lambda *a: seen.append(a[8]) or backward_op(*a))   # a[8]: dstate
     ts = [torch.randn(1, 40, 1, 16, device=DEVICE, requires_grad=True) for _ in range(4)]
     ts.append(torch.randn(1, 16, device=DEVICE, requires_grad=True))
     y, _ = binding.wkv(*ts, None)
@@ -170,7 +165,7 @@ def test_custom_op_registration():
     x = make_inputs(B, T, H, N, 3, decay="masks", n_state=B)
     args = [torch.tensor(x[n], device=DEVICE).view(B, T, H, N).requires_grad_(True) for n in "rkvw"]
     args += [torch.tensor(x["u"], device=DEVICE).requires_grad_(True),
-             torch.tensor(x["init_state"], device=DEVICE).requires_grad_(True)]
+             torch.tensor(x["init_state"], device=DEVICE).requires_grad_(True), Settings().key]
     torch.library.opcheck(binding.forward_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
