@@ -15,6 +15,7 @@ Writes $OUT/gpu_jax.json (OUT defaults to /tmp) and prints a table last. bf16 in
 times are medians of individually synchronised calls (as .gpukit/peers/peer_bench.py times rwkv-ops), and for
 decode the mean over 200 back-to-back calls (a single call is shorter than a host round trip).
 """
+import dataclasses
 import functools
 import json
 import os
@@ -33,7 +34,8 @@ import numpy as np  # noqa: E402
 
 from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
 from rwkv6_keras_operator.engines import pallas  # noqa: E402
-from rwkv6_keras_operator.engines.pallas import backward, binding, common, forward, scan  # noqa: E402
+from rwkv6_keras_operator.engines.pallas import backward, binding, forward, scan  # noqa: E402
+from rwkv6_keras_operator.engines.pallas.settings import Settings  # noqa: E402
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -41,33 +43,37 @@ SHAPES = {"train": (8, 4096, 32, 64), "long": (1, 16384, 32, 64), "decode": (64,
 if os.environ.get("SMOKE") == "1":   # a dry run of this script on CPU (RWKV6_PALLAS_INTERPRET=1), tiny shapes
     SHAPES = {"train": (1, 64, 2, 32), "long": (1, 128, 1, 32), "decode": (4, 1, 2, 32)}
 PEER_SHAPES = {"train": "train_8x4096_h32", "long": "long_1x16384_h32", "decode": "decode_64x1_h32"}
-DEFAULTS = {"chunk": pallas.CHUNK, "low_precision": pallas.LOW_PRECISION, **common.TUNING}
-# Configurations timed at the training shape (fwd and fwd+bwd); each changes the defaults above.
+DEFAULTS = dataclasses.asdict(Settings())
+# Configurations timed at the training shape (fwd and fwd+bwd); each changes the defaults above (fields of Settings;
+# "shape": another shape to time at).
 VARIANT_CONFIGS = {
     "default": {},
     "tf32-products": {"low_precision": "tf32"},           # 16-bit inputs' products before the H200 sweep
-    "warps8": {"output_warps": 8, "grads_warps": 8},
-    "scan16": {"scan_block": 16, "scan_warps": 2},
+    "warps8": {"forward_warps": 8, "backward_warps": 8},
+    "scan16": {"scan_terms_block": 16, "scan_terms_warps": 2},
     "chunk16": {"chunk": 16},
     "chunk64": {"chunk": 64},
-    # the scan over chunks: state terms built in parallel then scanned, or built as the scan goes (scan.states);
-    # "shape" times a variant at another shape than the training one
-    "terms-then-scan": {"fused_min_programs": 1 << 30},
-    "terms-then-scan-long": {"fused_min_programs": 1 << 30, "shape": "long"},
-    "fused-k32-v64": {"fused_keys": 32, "fused_block": 64},   # key blocks: each program its own decays
-    "fused-k32-v32": {"fused_keys": 32, "fused_block": 32},
-    "output-stages1": {"output_stages": 1},
-    "output-stages3": {"output_stages": 3},
-    "output-warps8": {"output_warps": 8},
-    "fused-long": {"fused_min_programs": 0, "shape": "long"},
-    "fused-long-keys16": {"fused_min_programs": 0, "fused_keys": 16, "shape": "long"},
-    "fused-long-k16-v32": {"fused_min_programs": 0, "fused_keys": 16, "fused_block": 32, "shape": "long"},
-    "fused-long-k16-v16": {"fused_min_programs": 0, "fused_keys": 16, "fused_block": 16, "shape": "long"},
-    "fused-long-k16-s3": {"fused_min_programs": 0, "fused_keys": 16, "fused_stages": 3, "shape": "long"},
-    "fused-long-k16-s1": {"fused_min_programs": 0, "fused_keys": 16, "fused_stages": 1, "shape": "long"},
-    "fused-s3": {"fused_stages": 3},
-    "long-scan16": {"scan_block": 16, "scan_warps": 2, "shape": "long"},   # more programs for the plain scan
-    "long-scan8": {"scan_block": 8, "scan_warps": 1, "shape": "long"},
+    # the scan over chunks: state terms built in parallel then scanned, or built as the scan goes (scan.launch_scan)
+    "terms-then-scan": {"state_scan_min_programs": 1 << 30},
+    "terms-then-scan-long": {"state_scan_min_programs": 1 << 30, "shape": "long"},
+    "fused-k32-v64": {"state_scan_keys": 32, "state_scan_block": 64},   # key blocks: each program its own decays
+    "fused-k32-v32": {"state_scan_keys": 32, "state_scan_block": 32},
+    "output-stages1": {"forward_stages": 1},
+    "output-stages3": {"forward_stages": 3},
+    "output-warps8": {"forward_warps": 8},
+    "fused-long": {"state_scan_min_programs": 0, "shape": "long"},
+    "fused-long-keys16": {"state_scan_min_programs": 0, "state_scan_keys": 16, "shape": "long"},
+    "fused-long-k16-v32": {"state_scan_min_programs": 0, "state_scan_keys": 16, "state_scan_block": 32,
+                           "shape": "long"},
+    "fused-long-k16-v16": {"state_scan_min_programs": 0, "state_scan_keys": 16, "state_scan_block": 16,
+                           "shape": "long"},
+    "fused-long-k16-s3": {"state_scan_min_programs": 0, "state_scan_keys": 16, "state_scan_stages": 3,
+                          "shape": "long"},
+    "fused-long-k16-s1": {"state_scan_min_programs": 0, "state_scan_keys": 16, "state_scan_stages": 1,
+                          "shape": "long"},
+    "fused-s3": {"state_scan_stages": 3},
+    "long-scan16": {"scan_terms_block": 16, "scan_terms_warps": 2, "shape": "long"},   # more programs, plain scan
+    "long-scan8": {"scan_terms_block": 8, "scan_terms_warps": 1, "shape": "long"},
     # decode (timed at the decode shape): value columns per step-by-step program; 64 = whole 256-byte state rows
     "decode16": {"recurrent_block": 16},
     "decode64": {"recurrent_block": 64},
@@ -89,15 +95,12 @@ def log(msg):
 
 
 def configure(cfg):
-    """Set the engine's configuration (read when a function is traced: every timing jits afresh, and the traces
-    jax and the engine cached under the previous configuration are dropped)."""
+    """The settings of the engine's calls through the operator: Settings() with the fields in cfg ("shape" aside).
+    Every timing jits afresh; the programs jax and the engine cached under the previous settings are dropped."""
     jax.clear_caches()
     for cached in (binding.forward_op, binding.backward_op, binding.decode_op):
         cached.cache_clear()
-    pallas.CHUNK = cfg.get("chunk", DEFAULTS["chunk"])
-    pallas.LOW_PRECISION = cfg.get("low_precision", DEFAULTS["low_precision"])
-    for key in common.TUNING:
-        common.TUNING[key] = cfg.get(key, DEFAULTS[key])
+    pallas.SETTINGS = Settings(**{key: value for key, value in cfg.items() if key != "shape"})
 
 
 def timeit(f, *args, n=20):
@@ -259,21 +262,25 @@ def kernels():
     configure({})
     B, T, H, N = SHAPES[os.environ.get("KERNELS_SHAPE", "train")]
     r, k, v, w, u, dy, s0 = make(B, T, H, N)
-    L = binding.chunk_length(T, pallas.CHUNK)
-    precisions = binding.precisions(r.dtype, pallas.LOW_PRECISION)
+    settings = pallas.SETTINGS
+    L = binding.chunk_length(T, settings.chunk)
+    precisions = binding.precisions(r.dtype, settings.low_precision)
     x4 = [a.reshape(B, T, H, N) for a in (r, k, v, w, dy)]
     ub = jnp.broadcast_to(u[None], (B, H, N))
-    terms = jax.jit(lambda k, v, w: scan.state_terms(k, v, w, L=L, precisions=precisions))
+    terms = jax.jit(lambda k, v, w: scan.state_terms(k, v, w, L=L, precisions=precisions, settings=settings))
     X, a = terms(x4[1], x4[2], x4[3])
-    sweep = jax.jit(lambda X, a, s0: scan.scan_terms(X, a, s0, precisions=precisions))
+    sweep = jax.jit(lambda X, a, s0: scan.scan_terms(X, a, s0, precisions=precisions, settings=settings))
     starts, _ = sweep(X, a, s0)
-    out = jax.jit(lambda r, k, v, w, u, S: forward.launch_forward(r, k, v, w, u, S, L=L, precisions=precisions))
-    back = jax.jit(lambda r, k, v, w, u, dy, S, D: backward.launch_backward(r, k, v, w, u, dy, S, D, L=L, precisions=precisions))
-    states = jax.jit(lambda k, v, w, s0: scan.launch_scan(k, v, w, s0, L=L, precisions=precisions))
+    out = jax.jit(lambda r, k, v, w, u, S: forward.launch_forward(r, k, v, w, u, S, L=L, precisions=precisions,
+                                                                  settings=settings))
+    back = jax.jit(lambda r, k, v, w, u, dy, S, D: backward.launch_backward(r, k, v, w, u, dy, S, D, L=L,
+                                                                            precisions=precisions, settings=settings))
+    states = jax.jit(lambda k, v, w, s0: scan.launch_scan(k, v, w, s0, L=L, precisions=precisions,
+                                                          settings=settings))
     stream = functools.partial(timeit_stream, n=50)   # device time a call (back to back)
     RESULTS["kernels"] = {
-        "config": {"chunk": L, "prec": precisions.prec.value, "shape": [B, T, H, N], **common.TUNING},
-        "states_ms": stream(states, x4[1], x4[2], x4[3], s0),   # what the forward runs (scan.states)
+        "config": {**dataclasses.asdict(settings), "chunk": L, "prec": precisions.prec.value, "shape": [B, T, H, N]},
+        "states_ms": stream(states, x4[1], x4[2], x4[3], s0),   # what the forward runs (scan.launch_scan)
         "state_terms_ms": stream(terms, x4[1], x4[2], x4[3]),
         "scan_ms": stream(sweep, X, a, s0),
         "output_ms": stream(out, *x4[:4], ub, starts),

@@ -16,21 +16,15 @@ Ships with jaxlib: no CUDA toolkit, compiler or build step. The math is docs/mat
 """
 import warnings
 
-from ..shared import Precision
+from .settings import Settings
 
 NAME = "pallas"
 BACKEND = "jax"
 
 HEAD_SIZES = (16, 32, 64, 128, 256)
 DTYPES = ("float32", "bfloat16", "float16")
-# Sequences up to this length run the step-by-step kernel when no gradient is taken.
-DECODE_MAX_T = 16
-# Chunk length of the chunked kernels (a power of two >= 16).
-CHUNK = 32
-# Products of 16-bit inputs (shared.precisions): BF16 rounds the operands of bfloat16 inputs to bfloat16, the
-# tensor cores' fastest mode, within the bfloat16 tolerance (float16 inputs keep TF32); float32 inputs always get
-# float32-accurate products.
-LOW_PRECISION = Precision.BF16
+# The settings of the operator's calls (tests and benchmarks pass their own to binding.wkv).
+SETTINGS = Settings()
 
 _warned = set()
 
@@ -76,4 +70,4 @@ def wkv(r, k, v, w, u, s0):
     """y (B, T, H, N) in r's dtype and the float32 state after the last step (B, H, N, N)."""
     from .binding import wkv as _wkv
 
-    return _wkv(r, k, v, w, u, s0, chunk=CHUNK, low_precision=LOW_PRECISION, decode_max_t=DECODE_MAX_T)
+    return _wkv(r, k, v, w, u, s0, settings=SETTINGS)

@@ -86,13 +86,14 @@ def backward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, s_ref, d_ref,
         common.store(dv_ref.at[b, rows, h, vcols[j]], dv, valid)
 
 
-def launch_backward(r, k, v, w, u, dy, starts, dends, *, L, precisions):
+def launch_backward(r, k, v, w, u, dy, starts, dends, *, L, precisions, settings):
     """dr, dk, dv, dw (B, T, H, N) in r's dtype and du per chunk (B, H, nc, N) float32."""
     B, T, H, N = r.shape
     nc = -(-T // L)
     kernel = functools.partial(backward_kernel, T=T, L=L, N=N, precisions=precisions)
     like = jax.ShapeDtypeStruct(r.shape, r.dtype)
     return common.call(
-        kernel, grid=(nc, H, B), num_warps=common.warps("grads_warps", N, r.dtype), num_stages=1, name="wkv6_backward",
+        kernel, grid=(nc, H, B), num_warps=settings.chunk_warps(settings.backward_warps, N, r.dtype), num_stages=1,
+        name="wkv6_backward",
         out_shape=(like, like, like, like, jax.ShapeDtypeStruct((B, H, nc, N), jnp.float32)),
     )(r, k, v, w, u, dy, starts, dends)

@@ -8,7 +8,7 @@ r, k, v, w, dy: (B, T, H, N) of one dtype; u: (B, H, N) float32 (one row per bat
 axes into B stays exact); s0, dsT: (B, H, N, N) float32. Every op maps (row, head) pairs independently, which
 `sharding.parallel_op` turns into vmap and SPMD rules.
 
-Forward without differentiation: the step-by-step kernel for T <= decode_max_t, else the chunked ops. Under
+Forward without differentiation: the step-by-step kernel for T <= settings.decode_max_t, else the chunked ops. Under
 differentiation the forward always runs chunked and keeps the states at the chunk starts ((B, H, nc, N, N), in
 Precisions.states_dtype) for the backward, which rebuilds everything else inside each chunk.
 """
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from .. import shared
 from ..shared import Precision
 from . import backward, common, forward, recurrent, scan
+from .settings import Settings
 from .sharding import parallel_op
 
 X4 = "b t h n"
@@ -29,36 +30,38 @@ S = "b h n m"
 STATES = "b h c n m"
 
 
-def forward_impl(r, k, v, w, u, s0, *, L, precisions):
-    starts, last = scan.launch_scan(k, v, w, s0, L=L, precisions=precisions)
-    return forward.launch_forward(r, k, v, w, u, starts, L=L, precisions=precisions), last, starts
+def forward_impl(r, k, v, w, u, s0, *, L, precisions, settings):
+    starts, last = scan.launch_scan(k, v, w, s0, L=L, precisions=precisions, settings=settings)
+    y = forward.launch_forward(r, k, v, w, u, starts, L=L, precisions=precisions, settings=settings)
+    return y, last, starts
 
 
-def backward_impl(r, k, v, w, u, starts, dy, dsT, *, L, precisions):
-    dends, ds0 = scan.launch_scan(r, dy, w, dsT, L=L, precisions=precisions, reverse=True)
-    dr, dk, dv, dw, du = backward.launch_backward(r, k, v, w, u, dy, starts, dends, L=L, precisions=precisions)
+def backward_impl(r, k, v, w, u, starts, dy, dsT, *, L, precisions, settings):
+    dends, ds0 = scan.launch_scan(r, dy, w, dsT, L=L, precisions=precisions, settings=settings, reverse=True)
+    dr, dk, dv, dw, du = backward.launch_backward(r, k, v, w, u, dy, starts, dends, L=L, precisions=precisions,
+                                                  settings=settings)
     return dr, dk, dv, dw, du.sum(axis=2), ds0
 
 
-def decode_impl(r, k, v, w, u, s0):
-    return recurrent.launch_step(r, k, v, w, u, s0)
+def decode_impl(r, k, v, w, u, s0, *, settings):
+    return recurrent.launch_step(r, k, v, w, u, s0, settings)
 
 
 @functools.lru_cache(maxsize=None)
-def forward_op(L, precisions):
-    return parallel_op(functools.partial(forward_impl, L=L, precisions=precisions), (X4, X4, X4, X4, U, S),
-                       (X4, S, STATES))
+def forward_op(L, precisions, settings):
+    return parallel_op(functools.partial(forward_impl, L=L, precisions=precisions, settings=settings),
+                       (X4, X4, X4, X4, U, S), (X4, S, STATES))
 
 
 @functools.lru_cache(maxsize=None)
-def backward_op(L, precisions):
-    return parallel_op(functools.partial(backward_impl, L=L, precisions=precisions),
+def backward_op(L, precisions, settings):
+    return parallel_op(functools.partial(backward_impl, L=L, precisions=precisions, settings=settings),
                        (X4, X4, X4, X4, U, STATES, X4, S), (X4, X4, X4, X4, U, S))
 
 
 @functools.lru_cache(maxsize=None)
-def decode_op():
-    return parallel_op(decode_impl, (X4, X4, X4, X4, U, S), (X4, S))
+def decode_op(settings):
+    return parallel_op(functools.partial(decode_impl, settings=settings), (X4, X4, X4, X4, U, S), (X4, S))
 
 
 def chunk_length(T, chunk):
@@ -78,37 +81,36 @@ def precisions(dtype, low_precision):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _wkv(r, k, v, w, u, s0, config):
-    L, precisions, decode_max_t = config
-    if r.shape[1] <= decode_max_t:
-        return decode_op()(r, k, v, w, u, s0)
-    y, last, _ = forward_op(L, precisions)(r, k, v, w, u, s0)
+    L, precisions, settings = config
+    if r.shape[1] <= settings.decode_max_t:
+        return decode_op(settings)(r, k, v, w, u, s0)
+    y, last, _ = forward_op(L, precisions, settings)(r, k, v, w, u, s0)
     return y, last
 
 
 def _wkv_fwd(r, k, v, w, u, s0, config):
-    L, precisions, _ = config
-    y, last, starts = forward_op(L, precisions)(r, k, v, w, u, s0)
+    y, last, starts = forward_op(*config)(r, k, v, w, u, s0)
     return (y, last), (r, k, v, w, u, starts)
 
 
 def _wkv_bwd(config, residuals, cotangents):
-    L, precisions, _ = config
     r, k, v, w, u, starts = residuals
     dy, dlast = cotangents
-    return backward_op(L, precisions)(r, k, v, w, u, starts, dy.astype(r.dtype), dlast.astype(jnp.float32))
+    return backward_op(*config)(r, k, v, w, u, starts, dy.astype(r.dtype), dlast.astype(jnp.float32))
 
 
 _wkv.defvjp(_wkv_fwd, _wkv_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "low_precision", "decode_max_t"))
-def wkv(r, k, v, w, u, s0, *, chunk=32, low_precision=Precision.TF32, decode_max_t=16):
-    """r, k, v, w: (B, T, H, N) of one float dtype; u: (H, N); s0: (B, H, N, N) float32 or None.
+@functools.partial(jax.jit, static_argnames=("settings",))
+def wkv(r, k, v, w, u, s0, *, settings=Settings()):
+    """r, k, v, w: (B, T, H, N) of one float dtype; u: (H, N); s0: (B, H, N, N) float32 or None; settings: the
+    engine's settings.Settings.
 
     Jitted: called eagerly, one cached program runs instead of a dozen dispatches; inside a caller's jit (or
     grad, vmap, shard_map) it is simply inlined."""
     B, T, H, N = r.shape
     u = jnp.broadcast_to(jnp.asarray(u, jnp.float32)[None], (B, H, N))
     s0 = jnp.zeros((B, H, N, N), jnp.float32) if s0 is None else jnp.asarray(s0, jnp.float32)
-    config = (chunk_length(T, chunk), precisions(r.dtype, low_precision), decode_max_t)
+    config = (chunk_length(T, settings.chunk), precisions(r.dtype, settings.low_precision), settings)
     return _wkv(r, k, v, w, u, s0, config)

@@ -45,41 +45,6 @@ def interpret():
     return FORCE_INTERPRET or not on_gpu()
 
 
-# Launch parameters, read when a kernel is traced (the benchmark sweeps them; defaults from the register
-# and spill reports of the compiled kernels, see benchmarks/notes_pallas.md).
-# Measured on an H200 (benchmarks/RESULTS.md): at the training shape, bf16, 4 warps for `output` and `grads`
-# (instead of 8) and 32 value columns a scan program (instead of 16, 2 warps) took fwd 3.49 -> 2.36 ms and
-# fwd+bwd 7.5 -> 5.9 ms together with the bf16 products and 16-bit decay sums (pieces()).
-TUNING = {
-    "terms_warps": 4,
-    "output_warps": 4,       # N <= 64 and 16-bit inputs; else at least 8 (see warps())
-    "output_stages": 2,
-    "grads_warps": 4,        # idem
-    "scan_warps": 4,
-    "scan_block": 32,        # value columns per scan program
-    "fused_keys": 32,        # the fused scan (scan.states): key rows of S per program (each program builds the
-    "fused_block": 64,       # decays of its own keys; H200, training shape: 32 x 64 fwd 1.68 / fwd+bwd 4.80 ms,
-                             # 64 x 32 1.84 / 5.09, 32 x 32 2.02 / 5.42), value columns per program,
-    "fused_warps": 4,
-    "fused_stages": 3,       # software-pipeline stages of its loop over chunks (long context: fwd 0.85 ms with 3,
-                             # 1.40 with 1; training shape: 1.25 with 3, 1.30 with 2)
-    "fused_narrow_below": 512,   # fewer programs than this with fused_keys: key blocks of fused_keys_few rows,
-    "fused_keys_few": 16,
-    "fused_min_programs": 128,   # fewer programs than this: state terms in parallel, then the plain scan (long
-                                 # context, 128 programs of 16 keys: fused fwd 0.85 ms against 1.02)
-    "recurrent_block": 32,   # value columns per step-by-step program
-    "recurrent_warps": 2,
-}
-
-
-def warps(key, N, dtype):
-    """num_warps of a chunk kernel: TUNING[key] where it was measured (N <= 64, 16-bit inputs); larger tiles (float32
-    operands, N = 128, 256) keep 8 warps, which the compiled kernels need to stay clear of heavy register spills."""
-    if N <= 64 and jnp.dtype(dtype) != F32:
-        return TUNING[key]
-    return max(TUNING[key], 8)
-
-
 def _params_class():
     # Renamed from TritonCompilerParams to CompilerParams in jax 0.7; the old name is gone in 0.8.
     return getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")

@@ -41,13 +41,13 @@ def forward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s_ref, y_ref, *, T, L, N, 
         common.store(y_ref.at[b, rows, h, vcols], y, valid)
 
 
-def launch_forward(r, k, v, w, u, starts, *, L, precisions):
+def launch_forward(r, k, v, w, u, starts, *, L, precisions, settings):
     """y (B, T, H, N) in r's dtype from the states at the chunk starts (B, H, nc, N, N)."""
     B, T, H, N = r.shape
     nc = -(-T // L)
     kernel = functools.partial(forward_kernel, T=T, L=L, N=N, precisions=precisions)
     return common.call(
-        kernel, grid=(nc, H, B), num_warps=common.warps("output_warps", N, r.dtype),
-        num_stages=common.TUNING["output_stages"], name="wkv6_forward",
+        kernel, grid=(nc, H, B), num_warps=settings.chunk_warps(settings.forward_warps, N, r.dtype),
+        num_stages=settings.forward_stages, name="wkv6_forward",
         out_shape=jax.ShapeDtypeStruct(r.shape, r.dtype),
     )(r, k, v, w, u, starts)

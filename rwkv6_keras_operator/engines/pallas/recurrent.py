@@ -34,13 +34,13 @@ def step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, s_ref, *, T, B
     common.store(s_ref.at[b, h, :, vcols], S)
 
 
-def launch_step(r, k, v, w, u, s0):
+def launch_step(r, k, v, w, u, s0, settings):
     """y (B, T, H, N) in r's dtype and the final state (B, H, N, N) float32."""
     B, T, H, N = r.shape
-    BV = min(common.TUNING["recurrent_block"], N)
+    BV = min(settings.recurrent_block, N)
     kernel = functools.partial(step_kernel, T=T, BV=BV)
     return common.call(
-        kernel, grid=(N // BV, H, B), num_warps=common.TUNING["recurrent_warps"], num_stages=2, name="wkv6_recurrent",
+        kernel, grid=(N // BV, H, B), num_warps=settings.recurrent_warps, num_stages=2, name="wkv6_recurrent",
         out_shape=(jax.ShapeDtypeStruct(r.shape, r.dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(r, k, v, w, u, s0)

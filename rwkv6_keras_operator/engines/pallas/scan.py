@@ -7,10 +7,10 @@ a_c (a column over keys) scales the rows of S. Forward, out[c] is the state at t
 final S the state after the last step; backward, out[c] is the gradient of the state at the end of chunk c
 and the final S the gradient of s0. `launch_scan` picks one of two ways:
 
-    enough programs (rows x heads x state blocks >= TUNING["fused_min_programs"]; below
-        TUNING["fused_narrow_below"] the key blocks narrow to TUNING["fused_keys_few"] rows): one kernel that builds X_c and a_c from the chunk's own
-        rows as it goes (levels.ChunkKeys), so X never goes through memory, its loads pipelined ahead of the
-        chain (TUNING["fused_stages"]);
+    enough programs (rows x heads x state blocks >= settings.state_scan_min_programs; below
+        settings.state_scan_narrow_below the key blocks narrow to settings.state_scan_keys_few rows): one kernel
+        (state_scan_kernel) that builds X_c and a_c from the chunk's own rows as it goes (levels.ChunkKeys), so X
+        never goes through memory, its loads pipelined ahead of the chain (settings.state_scan_stages);
     fewer (short inputs, few rows and heads): state_terms builds every X_c at once (in parallel over
         chunks), then `scan_terms` carries S through them; its loads do not depend on S, so they pipeline, and the
         sequential steps stay short.
@@ -40,13 +40,13 @@ def state_terms_kernel(key_ref, val_ref, w_ref, x_ref, a_ref, *, T, L, N, precis
             common.store(x_ref.at[b, h, c, kcols, vcols], common.mm(kq, val, precisions.state_prec, ta=True))
 
 
-def state_terms(key, val, w, *, L, precisions, reverse=False):
+def state_terms(key, val, w, *, L, precisions, settings, reverse=False):
     """X (B, H, nc, N, N) and a (B, H, nc, N), float32, for the scan over chunks."""
     B, T, H, N = key.shape
     nc = -(-T // L)
     kernel = functools.partial(state_terms_kernel, T=T, L=L, N=N, precisions=precisions, reverse=reverse)
     return common.call(
-        kernel, grid=(nc, H, B), num_warps=common.TUNING["terms_warps"], num_stages=2, name="wkv6_state_terms",
+        kernel, grid=(nc, H, B), num_warps=settings.state_terms_warps, num_stages=2, name="wkv6_state_terms",
         out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), jnp.float32),
                    jax.ShapeDtypeStruct((B, H, nc, N), jnp.float32)),
     )(key, val, w)
@@ -67,13 +67,13 @@ def scan_terms_kernel(x_ref, a_ref, s0_ref, out_ref, last_ref, *, nc, BV, revers
     common.store(last_ref.at[b, h, :, vcols], S)
 
 
-def scan_terms(X, a, s0, *, precisions, reverse=False):
+def scan_terms(X, a, s0, *, precisions, settings, reverse=False):
     """out (B, H, nc, N, N) in precisions.states_dtype and the final (B, H, N, N) float32."""
     B, H, nc, N, _ = X.shape
-    BV = min(common.TUNING["scan_block"], N)
+    BV = min(settings.scan_terms_block, N)
     kernel = functools.partial(scan_terms_kernel, nc=nc, BV=BV, reverse=reverse)
     return common.call(
-        kernel, grid=(N // BV, H, B), num_warps=common.TUNING["scan_warps"], num_stages=3, name="wkv6_scan",
+        kernel, grid=(N // BV, H, B), num_warps=settings.scan_terms_warps, num_stages=3, name="wkv6_scan",
         out_shape=(jax.ShapeDtypeStruct(X.shape, precisions.states_dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(X, a, s0)
@@ -97,29 +97,28 @@ def state_scan_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, 
     common.store(last_ref.at[b, h, kcols, vcols], S)
 
 
-def launch_scan(key, val, w, s0, *, L, precisions, reverse=False):
+def launch_scan(key, val, w, s0, *, L, precisions, settings, reverse=False):
     """out (B, H, nc, N, N) in precisions.states_dtype and the final (B, H, N, N) float32 of the scan whose
     X_c = sum over the chunk's rows of (key * decay) val^T (decay: to the chunk's end forward, from its start
     backward) and a_c = exp(tot_c)."""
     B, T, H, N = key.shape
     nc = -(-T // L)
-    BV = min(common.TUNING["fused_block"], N)
+    BV = min(settings.state_scan_block, N)
 
     def programs(BK):
         return B * H * (N // BK) * (N // BV)
 
-    BK = common.blocks(N, common.TUNING["fused_keys"])[0]
-    if programs(BK) < common.TUNING["fused_narrow_below"]:   # few rows and heads: narrower key blocks, more programs
-        BK = common.blocks(N, common.TUNING["fused_keys_few"])[0]
-    if programs(BK) < common.TUNING["fused_min_programs"]:
-        X, a = state_terms(key, val, w, L=L, precisions=precisions, reverse=reverse)
-        return scan_terms(X, a, s0, precisions=precisions, reverse=reverse)
+    BK = common.blocks(N, settings.state_scan_keys)[0]
+    if programs(BK) < settings.state_scan_narrow_below:   # few rows and heads: narrower key blocks, more programs
+        BK = common.blocks(N, settings.state_scan_keys_few)[0]
+    if programs(BK) < settings.state_scan_min_programs:
+        X, a = state_terms(key, val, w, L=L, precisions=precisions, settings=settings, reverse=reverse)
+        return scan_terms(X, a, s0, precisions=precisions, settings=settings, reverse=reverse)
     kernel = functools.partial(state_scan_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, precisions=precisions,
                                reverse=reverse)
     return common.call(
-        kernel, grid=((N // BK) * (N // BV), H, B), num_warps=common.TUNING["fused_warps"],
-        num_stages=common.TUNING["fused_stages"],
-        name="wkv6_state_scan",
+        kernel, grid=((N // BK) * (N // BV), H, B), num_warps=settings.state_scan_warps,
+        num_stages=settings.state_scan_stages, name="wkv6_state_scan",
         out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), precisions.states_dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
     )(key, val, w, s0)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
-from tests.engines.pallas import tuning
 from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, make_inputs, rel_err, rounded
 
 if BACKEND != "jax":
@@ -21,12 +20,15 @@ import jax.numpy as jnp  # noqa: E402
 
 from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
 from rwkv6_keras_operator.engines import pallas  # noqa: E402
+from rwkv6_keras_operator.engines.pallas import binding  # noqa: E402
+from rwkv6_keras_operator.engines.pallas.settings import Settings  # noqa: E402
 
 TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
 
 
 
-def check(B, T, H, N, decay, dtype, seed, n_state=None, state_map=None, with_grads=True):
+def check(B, T, H, N, decay, dtype, seed, n_state=None, state_map=None, with_grads=True, settings=None):
+    """Through the operator; with `settings` (and no state_map), through the engine's binding.wkv with them."""
     x = make_inputs(B, T, H, N, seed, decay=decay, n_state=n_state)
     seen = {n: rounded(x[n], dtype) for n in "rkvw"}
     init = x.get("init_state")
@@ -40,6 +42,9 @@ def check(B, T, H, N, decay, dtype, seed, n_state=None, state_map=None, with_gra
         args.append(jnp.asarray(init))
 
     def f(r, k, v, w, u, init=None):
+        if settings is not None:
+            y, s = binding.wkv(*(a.reshape(B, T, H, N) for a in (r, k, v, w)), u, init, settings=settings)
+            return y.reshape(B, T, H * N), s
         return op(r, k, v, w, u, with_state=True, init_state=init, state_map=state_map)
 
     index = None if init is None else (state_map if state_map is not None else np.arange(B))
@@ -78,8 +83,8 @@ def test_head_sizes(N, dtype):
 def test_fused_state_scan(N, dtype, keys):
     """The scan that builds each chunk's state terms as it goes (taken from 128 programs; forced here at a small
     shape), compiled, in the key blocks of few (16) and many (32) programs."""
-    with tuning(fused_min_programs=0, fused_keys_few=keys):
-        check(2, 300, 2, N, "masks", dtype, seed=N + 5, n_state=2)
+    settings = Settings(state_scan_min_programs=0, state_scan_keys_few=keys)
+    check(2, 300, 2, N, "masks", dtype, seed=N + 5, n_state=2, settings=settings)
 
 
 def test_state_map_sums_gradients_of_shared_states():

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
-from tests.engines.pallas import tuning
 from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, make_inputs, rel_err, rounded
 
 if BACKEND != "jax":
@@ -19,14 +18,17 @@ pytest.importorskip("jax.experimental.pallas.triton", reason="this jax has no Pa
 import jax.numpy as jnp  # noqa: E402
 
 from rwkv6_keras_operator.engines.pallas import binding, common  # noqa: E402
+from rwkv6_keras_operator.engines.pallas.settings import Settings  # noqa: E402
 
 CHUNK = 16
 TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
 
 
 
-def engine(chunk=CHUNK, **kw):
-    return lambda r, k, v, w, u, s0: binding.wkv(r, k, v, w, u, s0, chunk=chunk, **kw)
+def engine(chunk=CHUNK, **settings):
+    """The engine's wkv with Settings(chunk=chunk, **settings); 16-bit products in tf32 unless low_precision says."""
+    settings = Settings(chunk=chunk, **{"low_precision": "tf32", **settings})
+    return lambda r, k, v, w, u, s0: binding.wkv(r, k, v, w, u, s0, settings=settings)
 
 
 def heads(x, B, T, H, N, dtype):
@@ -93,9 +95,9 @@ def test_head_sizes(N):
 def test_fused_state_scan(N, keys):
     """The scan that builds each chunk's state terms as it goes (chosen from 128 programs; forced here), with
     several key and value blocks of the state at N = 128, in the key blocks of few (16) and many (32) programs."""
-    with tuning(fused_min_programs=0, fused_keys_few=keys):
-        check(2, 70, 2, N, "masks", seed=13)
-        check(1, 40, 1, N, "strong", seed=14, with_s0=False)
+    fused = engine(state_scan_min_programs=0, state_scan_keys_few=keys)
+    check(2, 70, 2, N, "masks", seed=13, fn=fused)
+    check(1, 40, 1, N, "strong", seed=14, with_s0=False, fn=fused)
 
 
 def test_without_start_state():

@@ -10,12 +10,12 @@ if BACKEND != "jax":
     pytest.skip(f"the Pallas engine runs under the jax backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
 pytest.importorskip("jax.experimental.pallas.triton", reason="this jax has no Pallas Triton backend")
 
-from tests.engines.pallas import triton_ir, tuning  # noqa: E402
+from tests.engines.pallas import triton_ir  # noqa: E402
 
 KERNELS = {"wkv6_state_terms", "wkv6_scan", "wkv6_forward", "wkv6_backward", "wkv6_recurrent"}
 # the two ways of the state scan (scan.launch_scan): state terms then the plain scan, or one fused kernel
-STATE_SCANS = {"terms+scan": ({"fused_min_programs": 1 << 30}, {"wkv6_state_terms", "wkv6_scan"}),
-               "fused": ({"fused_min_programs": 0}, {"wkv6_state_scan"})}
+STATE_SCANS = {"terms+scan": ({"state_scan_min_programs": 1 << 30}, {"wkv6_state_terms", "wkv6_scan"}),
+               "fused": ({"state_scan_min_programs": 0}, {"wkv6_state_scan"})}
 HOPPER_SMEM = 227 * 1024
 
 
@@ -27,8 +27,7 @@ HOPPER_SMEM = 227 * 1024
 ])
 def test_every_kernel_lowers_to_triton(N, dtype, chunk, low_precision, state_scan):
     settings, scans = STATE_SCANS[state_scan]
-    with tuning(**settings):
-        modules = triton_ir.capture(N, dtype, chunk, low_precision, T=2 * chunk + 3)
+    modules = triton_ir.capture(N, dtype, chunk, low_precision, T=2 * chunk + 3, **settings)
     assert set(modules) == KERNELS - STATE_SCANS["terms+scan"][1] | scans
     for name, ir in modules.items():
         assert f"tt.func public @{name}" in ir

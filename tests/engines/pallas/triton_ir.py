@@ -16,18 +16,21 @@ import subprocess
 import sys
 import tempfile
 
-# kernel: (its entry in common.TUNING for num_warps, or a fixed count; num_stages), as the launchers use them
-LAUNCH = {"wkv6_state_terms": ("terms_warps", 2), "wkv6_state_scan": ("fused_warps", 2), "wkv6_forward": ("output_warps", 2),
-          "wkv6_backward": ("grads_warps", 1), "wkv6_scan": ("scan_warps", 3), "wkv6_recurrent": ("recurrent_warps", 2)}
+# kernel: (its Settings field for num_warps; num_stages), as the launchers use them
+LAUNCH = {"wkv6_state_terms": ("state_terms_warps", 2), "wkv6_state_scan": ("state_scan_warps", 2),
+          "wkv6_forward": ("forward_warps", 2), "wkv6_backward": ("backward_warps", 1),
+          "wkv6_scan": ("scan_terms_warps", 3), "wkv6_recurrent": ("recurrent_warps", 2)}
 
 
-def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2):
-    """{kernel name: Triton IR text} for the forward, backward and decode kernels of one configuration."""
+def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2, **settings):
+    """{kernel name: Triton IR text} for the forward, backward and decode kernels of one configuration (settings:
+    other fields of the engine's Settings)."""
     import jax
     import jax.numpy as jnp
     from jax._src.pallas.triton import pallas_call_registration as registration
 
     from rwkv6_keras_operator.engines.pallas import binding, common
+    from rwkv6_keras_operator.engines.pallas.settings import Settings
 
     lower = registration.lowering.lower_jaxpr_to_triton_module
     modules = {}
@@ -45,7 +48,8 @@ def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2):
         u, s0 = jnp.zeros((H, N), jnp.float32), jnp.zeros((B, H, N, N), jnp.float32)
 
         def f(r, k, v, w, u, s0):
-            return binding.wkv(r, k, v, w, u, s0, chunk=chunk, low_precision=low_precision)
+            return binding.wkv(r, k, v, w, u, s0, settings=Settings(chunk=chunk, low_precision=low_precision,
+                                                                    **settings))
 
         def loss(*a):
             y, s = f(*a)
@@ -61,14 +65,14 @@ def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2):
 
 
 def launch_settings(name, N=64, dtype="bfloat16"):
-    from rwkv6_keras_operator.engines.pallas import common
+    from rwkv6_keras_operator.engines.pallas.settings import Settings
 
-    warps, stages = LAUNCH[name]
-    if not isinstance(warps, str):
-        return warps, stages
+    field, stages = LAUNCH[name]
+    settings = Settings()
+    warps = getattr(settings, field)
     if name in ("wkv6_forward", "wkv6_backward"):
-        return common.warps(warps, N, dtype), stages
-    return common.TUNING[warps], stages
+        return settings.chunk_warps(warps, N, dtype), stages
+    return warps, stages
 
 
 def compile_reports(modules, timeout=600, N=64, dtype="bfloat16"):
