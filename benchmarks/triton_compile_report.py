@@ -35,7 +35,8 @@ SPECIALIZED = ("T", "H", "stride_t")   # the runtime sees them divisible by 16 a
 
 def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
     """(registers, stack bytes, MMA instructions, SASS lines, cubin) of fn compiled for sm_90; constexprs that fn
-    does not take are left out."""
+    does not take are left out. A pointer given as None among the constexprs is an absent tensor, as a launch passes
+    it (s0_ptr without a start state)."""
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -120,7 +121,8 @@ def main():
     p = precision_args(precisions(dtype))
     print(f"N={N} {dtype} precisions {p}; triton {triton.__version__}, sm_90")
     for L, C in chunks:
-        common = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **p)
+        # as the benchmark's calls: no start state, several chunks (the stored chunk states)
+        common = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **p, HAS_S0=False, s0_ptr=None, HAS_STATES=True)
         for warps in warps_list:
             for name, fn, extra, stages in (("forward", forward.forward_kernel, {"BV": N}, 2),
                                             ("backward", backward.backward_kernel, {}, 1)):

@@ -40,9 +40,12 @@ from .sub_blocks import step_over, sub_block, sub_block_start
 @triton.jit
 def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstates_ptr, dy_ptr,
                     dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr,
-                    T, H, NC, stride_t, has_s0,
+                    T, H, NC, stride_t,
                     N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
-                    STATE_PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+                    STATE_PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
+                    HAS_S0: tl.constexpr, HAS_STATES: tl.constexpr):
+    tl.static_assert(C == 1 << LOG_C, "the sub-block C must be 2^LOG_C rows")
+    tl.static_assert(L % C == 0, "a chunk of L rows must be whole sub-blocks of C rows")
     pid = tl.program_id(0)
     bh, c, J = sub_block(pid, NC, L, C)
     b = bh // H
@@ -65,8 +68,8 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     u = tl.load(u_ptr + h * N + cols)
     bonus = u[None, :] * vdy[:, None]
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)
-    S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s0, base, T, stride_t, cols, cols,
-                        N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC)
+    S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, cols, cols,
+                        N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC, HAS_S0, HAS_STATES)
     x_state = pre_factor(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), STATE_PREC)    # pre_t * (S_J dy_t)
     store_rows(dr_ptr, base, rows, T, cols, stride_t, DR + bonus * k + x_state)
     DG += masked_sum(after_mask(C, LOG_C), r * x_state, DG_PIECES, MASK_PREC)      # sum over t > m
@@ -96,8 +99,10 @@ def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_p
     C = settings.sub_block
     launch = settings.backward_for(N)
     grid = (B * H * NC * (L // C),)
-    backward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, dstates, dy,
-                          dr, dk, dv, dw, du_part, T, H, NC, H * N, int(s0 is not None),
+    has_states = states.numel() > 0   # none when NC == 1
+    backward_kernel[grid](r, k, v, w, u, s0, states if has_states else None, dstates, dy,
+                          dr, dk, dv, dw, du_part, T, H, NC, H * N,
                           N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions),
+                          HAS_S0=s0 is not None, HAS_STATES=has_states,
                           num_warps=launch.num_warps, num_stages=launch.num_stages,
                           **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}))

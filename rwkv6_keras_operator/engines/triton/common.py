@@ -108,12 +108,17 @@ def g_rows(w_ptr, base, rows, valid, T, cols, stride_t):
 
 
 @triton.jit
-def chunk_start_state(s0_ptr, states_ptr, bh, c, NC, has_s0, ik, jv, N: tl.constexpr):
-    """State at the start of chunk c, rows ik x columns jv: s0 (or 0) for chunk 0, else states[bh, c - 1]
-    (states holds the start states of chunks 1 .. NC-1, (B*H, NC-1, N, N))."""
+def chunk_start_state(s0_ptr, states_ptr, bh, c, NC, ik, jv, N: tl.constexpr, HAS_S0: tl.constexpr,
+                      HAS_STATES: tl.constexpr):
+    """State at the start of chunk c, rows ik x columns jv: s0 for chunk 0 (zero without one: HAS_S0 False), else
+    states[bh, c - 1] (states holds the start states of chunks 1 .. NC-1, (B*H, NC-1, N, N); none when NC == 1:
+    HAS_STATES False)."""
     offs = ik[:, None] * N + jv[None, :]
+    S = tl.zeros(offs.shape, dtype=tl.float32)
     if c == 0:
-        S = tl.load(s0_ptr + bh.to(tl.int64) * N * N + offs, mask=offs < has_s0 * N * N, other=0.0).to(tl.float32)
+        if HAS_S0:
+            S = tl.load(s0_ptr + bh.to(tl.int64) * N * N + offs).to(tl.float32)
     else:
-        S = tl.load(states_ptr + (bh.to(tl.int64) * (NC - 1) + c - 1) * N * N + offs).to(tl.float32)
+        if HAS_STATES:
+            S = tl.load(states_ptr + (bh.to(tl.int64) * (NC - 1) + c - 1) * N * N + offs).to(tl.float32)
     return S

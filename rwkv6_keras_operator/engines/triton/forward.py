@@ -22,9 +22,13 @@ from .sub_blocks import sub_block, sub_block_start
 
 @triton.jit
 def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
-                   T, H, NC, stride_t, has_s0,
+                   T, H, NC, stride_t,
                    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
-                   PREC: tl.constexpr, STATE_PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+                   PREC: tl.constexpr, STATE_PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
+                   HAS_S0: tl.constexpr, HAS_STATES: tl.constexpr):
+    tl.static_assert(C == 1 << LOG_C, "the sub-block C must be 2^LOG_C rows")
+    tl.static_assert(L % C == 0, "a chunk of L rows must be whole sub-blocks of C rows")
+    tl.static_assert(N % BV == 0, "the value block BV must divide the head size N")
     bh, c, J = sub_block(tl.program_id(0), NC, L, C)
     b = bh // H
     h = bh % H
@@ -43,8 +47,8 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
     rq = r * pre_factor(g, LOG_C, C, PIECES, MASK_PREC)
     v = load_rows(v_ptr, base, rows, T, jv, stride_t)
     y = mm(A, v, PREC) + bonus[:, None] * v                             # the pairs, and the bonus
-    S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, has_s0, base, T, stride_t, cols, jv,
-                        N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC)     # (N, BV)
+    S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, cols, jv,
+                        N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC, HAS_S0, HAS_STATES)     # (N, BV)
     y += mm(rq, S, STATE_PREC)                                                # through the state
     store_rows(y_ptr, base, rows, T, jv, stride_t, y)
 
@@ -57,8 +61,9 @@ def launch_forward(r, k, v, w, u, s0, states, y, precisions, settings, L):
     launch = settings.forward_for(N)
     BV = launch.block_v
     grid = (B * H * NC * (L // C), N // BV)
-    forward_kernel[grid](r, k, v, w, u, s0 if s0 is not None else u, states if states.numel() else u, y,
-                         T, H, NC, H * N, int(s0 is not None),
+    has_states = states.numel() > 0   # none when NC == 1
+    forward_kernel[grid](r, k, v, w, u, s0, states if has_states else None, y, T, H, NC, H * N,
                          N=N, BV=BV, L=L, C=C, LOG_C=C.bit_length() - 1,
                          **precision_args(precisions, "PREC", "STATE_PREC", "PIECES", "MASK_PREC"),
+                         HAS_S0=s0 is not None, HAS_STATES=has_states,
                          num_warps=launch.num_warps, **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}))

@@ -29,10 +29,13 @@ from .masks import after_mask, before_mask, column_sums, masked_sum
 
 @triton.jit
 def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_ptr, seg_log_ptr, cum_ptr,
-                      T, H, NC, SEG, stride_t, has_init,
+                      T, H, NC, SEG, stride_t,
                       N: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      G: tl.constexpr, REVERSE: tl.constexpr, STORE_OUT: tl.constexpr, STATE_PREC: tl.constexpr,
-                      PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+                      G: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr,
+                      STATE_PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    tl.static_assert(L == 1 << LOG_L, "the chunk must be L = 2^LOG_L rows")
+    tl.static_assert(N % BK == 0, "the key block BK must divide the head size N")
+    tl.static_assert(N % BV == 0, "the value block BV must divide the head size N")
     bh = tl.program_id(0) // G
     seg = tl.program_id(0) % G            # segment of chunks [seg * SEG, (seg + 1) * SEG)
     b = bh // H
@@ -45,11 +48,9 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
     # per-key sums are (BK, BV) tiles, every column the same: written from the first value channel only
     per_key = (ik[:, None] * 0 + jv[None, :]) == 0
     key_offs = ik[:, None] + jv[None, :] * 0
-    if G == 1:
-        S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs, mask=soffs < has_init * N * N,
-                    other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)    # each segment from zero; combine_kernel adds the rest
+    S = tl.zeros([BK, BV], dtype=tl.float32)    # with segments, each from zero: combine_kernel adds the rest
+    if HAS_INIT and G == 1:
+        S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs).to(tl.float32)
     log = tl.zeros([BK, BV], dtype=tl.float32)      # sum of tot over the segment's chunks so far
     first = seg * SEG
     count = tl.minimum(SEG, NC - first)
@@ -96,16 +97,18 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
 
 
 @triton.jit
-def combine_kernel(init_ptr, out_ptr, seg_ptr, seg_log_ptr, has_init,
+def combine_kernel(init_ptr, out_ptr, seg_ptr, seg_log_ptr,
                    N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, G: tl.constexpr,
-                   REVERSE: tl.constexpr, STORE_OUT: tl.constexpr):
+                   REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr):
     """seg[g] <- the true state at the start of segment g (backward: the gradient at its end), in place of its
     own end state E_g; out <- the final state (backward: the gradient of s0)."""
     bh = tl.program_id(0)
     ik = tl.program_id(1) * BK + tl.arange(0, BK)
     jv = tl.program_id(2) * BV + tl.arange(0, BV)
     soffs = ik[:, None] * N + jv[None, :]
-    S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs, mask=soffs < has_init * N * N, other=0.0).to(tl.float32)
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs).to(tl.float32)
     for i in range(G):
         seg = G - 1 - i if REVERSE else i
         offs = (bh.to(tl.int64) * G + seg) * N * N + soffs
@@ -144,23 +147,20 @@ def launch_scan(a, b, w, init, out, chunks, reverse, precisions, settings, L):
     G = settings.segments_for(NC, B * H * tiles[0] * tiles[1])
     SEG = -(-NC // G)
     G = -(-NC // SEG)
-    dummy = chunks if chunks.numel() else a
-    seg = seg_log = cum = dummy
+    seg = seg_log = cum = None   # the segments' own states: with G > 1 only
     if G > 1:
         seg = torch.empty((B, H, G, N, N), dtype=torch.float32, device=a.device)
         seg_log = torch.empty((B, H, G, N), dtype=torch.float32, device=a.device)
         cum = torch.empty((B, H, NC, N), dtype=torch.float32, device=a.device)
-    init_arg = init if init is not None else dummy
-    out_arg = out if out is not None else dummy
     state_scan_kernel[(B * H * G,) + tiles](
-        a, b, w, init_arg, out_arg, chunks, seg, seg_log, cum,
-        T, H, NC, SEG, H * N, int(init is not None),
-        N=N, L=L, LOG_L=L.bit_length() - 1, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None,
+        a, b, w, init, out, chunks, seg, seg_log, cum, T, H, NC, SEG, H * N,
+        N=N, L=L, LOG_L=L.bit_length() - 1, BK=BK, BV=BV, G=G, REVERSE=reverse, HAS_INIT=init is not None,
+        STORE_OUT=out is not None,
         **precision_args(precisions, "STATE_PREC", "PIECES", "MASK_PREC"), num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     if G > 1:
-        combine_kernel[(B * H,) + tiles](init_arg, out_arg, seg, seg_log, int(init is not None),
-                                         N=N, BK=BK, BV=BV, G=G, REVERSE=reverse, STORE_OUT=out is not None,
+        combine_kernel[(B * H,) + tiles](init, out, seg, seg_log, N=N, BK=BK, BV=BV, G=G, REVERSE=reverse,
+                                         HAS_INIT=init is not None, STORE_OUT=out is not None,
                                          num_warps=launch.num_warps)
         if chunks.numel():
             M = NC if reverse else NC - 1
