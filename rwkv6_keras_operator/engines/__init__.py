@@ -1,23 +1,39 @@
 """Engine discovery and dispatch.
 
-An engine is a sub-package here exposing
-
-    NAME: str
-    BACKEND: the Keras backend it runs under ("any" for the portable engine)
-    is_available() -> bool          # can run on this machine at all (framework, GPU); cheap, cached
-    supports(r, head_size) -> bool  # can take these concrete tensors (device, head size); may warn once
-    wkv(r, k, v, w, u, s0) -> (y, state)
-
-with r, k, v, w: (B, T, H, N) backend tensors of one float dtype, u: (H, N) float32, s0: (B, H, N, N)
-float32 or None (zeros); y: (B, T, H, N) in r's dtype, state: the (B, H, N, N) float32 state after the last
-step. Gradients flow to all six inputs (through the framework's autodiff or the engine's own backward) and
-through the returned state. Engines are imported only when their backend is the active one.
+An engine is a sub-package here that satisfies the `Engine` protocol below; tests/engines/test_protocol.py checks
+every engine that can run on the machine against it. Engines are imported only when their backend is the active
+one. What all engines share (the clamp of w, the chunk length rule, the precisions) is in shared.py; the layout of
+the two GPU engines, file by file, in docs/engines.md.
 """
 import importlib
 import os
 import sys
+from typing import Protocol, runtime_checkable
 
 import keras
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What an engine module provides (a module satisfies it: isinstance(module, Engine)).
+
+    wkv takes r, k, v, w: (B, T, H, N) backend tensors of one float dtype, u: (H, N) float32 and s0: (B, H, N, N)
+    float32 or None (zeros), and returns y: (B, T, H, N) in r's dtype and the (B, H, N, N) float32 state after the
+    last step. Gradients flow to all six inputs (through the framework's autodiff or the engine's own backward) and
+    through the returned state.
+    """
+    NAME: str      # "portable", "triton", "pallas"
+    BACKEND: str   # the Keras backend it runs under ("any" for the portable engine)
+
+    def is_available(self) -> bool:
+        """Whether it can run on this machine at all (framework, GPU); cheap, cached."""
+
+    def supports(self, r, head_size: int) -> bool:
+        """Whether it can take these concrete tensors (device, dtype, head size); may warn once."""
+
+    def wkv(self, r, k, v, w, u, s0):
+        """(y, state) as above."""
+
 
 # Read once, at import (as documented): OPS_KERNEL=1 routes every call to the portable engine.
 FORCE_PORTABLE = os.environ.get("OPS_KERNEL", "0").strip().lower() in ("1", "true", "yes", "on")
