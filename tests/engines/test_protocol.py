@@ -89,6 +89,8 @@ def test_wkv_matches_the_oracle(name, T, with_s0):
         errors["d" + n] = rel_err(np.zeros_like(g_ref[n]) if g is None else g.reshape(g_ref[n].shape), g_ref[n])
     bad = {n: e for n, e in errors.items() if e > (FP32_OUT if n in ("y", "state") else FP32_GRAD)}
     assert not bad, f"{name}: errors over tolerance: {bad} (all: {errors})"
+    if grads[3] is not None:   # w = +100: a decay of exactly 0, and dw exactly 0 in every engine
+        assert np.all(grads[3].reshape(x["w"].shape)[x["w"] >= 100] == 0.0)
 
 
 @pytest.mark.parametrize("name", ["portable", "triton", "pallas"])
