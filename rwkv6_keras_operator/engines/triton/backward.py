@@ -2,25 +2,25 @@
 
 One program per (batch row, head, sub-block J of C rows of a chunk of L tokens). Inputs: the state at the chunk's
 start (from the forward's scan) and the gradient of the state at its end dS (from the backward scan). The program
-moves them to its own sub-block, S_J at its start and dE_J at its end (L / C - 1 sub-blocks at most, each way):
+moves them to its own sub-block, S_J at its start and dS_J at its end (L / C - 1 sub-blocks at most, each way):
 
     S_{J+1} = diag(tot_J) S_J + sum_{s in J} (k_s * suf_s) v_s^T            (sub_blocks.sub_block_start)
-    dE_{J-1} = diag(tot_J) dE_J + sum_{t in J} (r_t * pre_t) dy_t^T          (dE_{n-1} = dS)
+    dS_{J-1} = diag(tot_J) dS_J + sum_{t in J} (r_t * pre_t) dy_t^T          (dS_{n-1}: the chunk's dS)
 
 and with them the gradients of one sub-block are those of a chunk of C tokens (pre, suf, tot inside J):
 
     dr_t = sum_{s<t} dA[t,s] k_s * W[t,s] + u * k_t dA[t,t] + pre_t * (S_J dy_t)
-    dk_s = sum_{t>s} dA[t,s] r_t * W[t,s] + u * r_s dA[s,s] + suf_s * (dE_J v_s)
-    dv_s = sum_{t>=s} A[t,s] dy_t + dE_J^T (k_s * suf_s)
+    dk_s = sum_{t>s} dA[t,s] r_t * W[t,s] + u * r_s dA[s,s] + suf_s * (dS_J v_s)
+    dv_s = sum_{t>=s} A[t,s] dy_t + dS_J^T (k_s * suf_s)
     du   = sum_t r_t * k_t dA[t,t]                                  with dA[t,s] = dy_t . v_s
 
 with the pairs' parts (sums over s < t with W[t, s] = prod_{s<m<t} d_m) from the binary tree of levels (levels.py).
 
 dg_m (m in J) collects every term whose weight holds d_m (docs/math.md, "The backward pass", the exact form):
 
-    dg_m = tot_J * rowsum(S_J * dE_J)              (the states: exp(tot) holds d_m)
+    dg_m = tot_J * rowsum(S_J * dS_J)              (the states: exp(tot) holds d_m)
          + sum_{t>m} r_t * pre_t * (S_J dy_t)       (state read by later rows: pre_t holds d_m)
-         + sum_{s<m} k_s * suf_s * (dE_J v_s)       (state written by earlier rows: suf_s holds d_m)
+         + sum_{s<m} k_s * suf_s * (dS_J v_s)       (state written by earlier rows: suf_s holds d_m)
          + the pairs s < m < t, level by level      (levels.pair_grads)
 
 each a direct sum of exactly the terms that hold d_m (masked products), so nothing cancels and dw is as exact as
@@ -52,43 +52,44 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     h = bh % H
     base = row_base(head_base(b, h, T, stride_t, N), c * L, stride_t)   # the chunk's first row
     T = T - c * L                                                          # rows from there on
-    cols = tl.arange(0, N)
+    kcols = tl.arange(0, N)
+    vcols = kcols                                                          # all value channels
     idx = tl.arange(0, C)
     rows = J * C + idx
-    r = load_rows(r_ptr, base, rows, T, cols, stride_t)
-    k = load_rows(k_ptr, base, rows, T, cols, stride_t)
-    g = g_rows(w_ptr, base, rows, idx >= 0, T, cols, stride_t)          # 0 past T: decay 1
-    v = load_rows(v_ptr, base, rows, T, cols, stride_t)
-    dy = load_rows(dy_ptr, base, rows, T, cols, stride_t)
-    vdy = tl.sum(dy * v, 1)                                                # dA[t, t]
-    A, DR, DK, DG = pair_grads(r, k, mm(dy, tl.trans(v), PREC), g, C, LOG_C, PREC, PIECES, DG_PIECES, MASK_PREC)
+    r = load_rows(r_ptr, base, rows, T, kcols, stride_t)
+    k = load_rows(k_ptr, base, rows, T, kcols, stride_t)
+    g = g_rows(w_ptr, base, rows, idx >= 0, T, kcols, stride_t)          # 0 past T: decay 1
+    v = load_rows(v_ptr, base, rows, T, vcols, stride_t)
+    dy = load_rows(dy_ptr, base, rows, T, vcols, stride_t)
+    dA_diag = tl.sum(dy * v, 1)                                            # dA[t, t]
+    A, dr, dk, dg = pair_grads(r, k, mm(dy, tl.trans(v), PREC), g, C, LOG_C, PREC, PIECES, DG_PIECES, MASK_PREC)
     # v and dy again, from L2 (a load of its own): not held in registers through the levels
-    v = load_rows_cached(v_ptr, base, rows, T, cols, stride_t, ".cg")
-    dy = load_rows_cached(dy_ptr, base, rows, T, cols, stride_t, ".cg")
-    u = tl.load(u_ptr + h * N + cols)
-    bonus = u[None, :] * vdy[:, None]
+    v = load_rows_cached(v_ptr, base, rows, T, vcols, stride_t, ".cg")
+    dy = load_rows_cached(dy_ptr, base, rows, T, vcols, stride_t, ".cg")
+    u = tl.load(u_ptr + h * N + kcols)
+    u_dA = u[None, :] * dA_diag[:, None]
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)
-    S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, cols, cols,
+    S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, kcols, vcols,
                         N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC, HAS_S0, HAS_STATES)
     x_state = pre_factor(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), STATE_PREC)    # pre_t * (S_J dy_t)
-    store_rows(dr_ptr, base, rows, T, cols, stride_t, DR + bonus * k + x_state)
-    DG += masked_sum(after_mask(C, LOG_C), r * x_state, DG_PIECES, MASK_PREC)      # sum over t > m
-    # through the gradient of the state at the sub-block's end: dE_J (suf_s holds d_m for m > s)
-    dE = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + cols[:, None] * N + cols[None, :]).to(tl.float32)
+    store_rows(dr_ptr, base, rows, T, kcols, stride_t, dr + u_dA * k + x_state)
+    dg += masked_sum(after_mask(C, LOG_C), r * x_state, DG_PIECES, MASK_PREC)      # sum over t > m
+    # through the gradient of the state at the sub-block's end: dS_J (suf_s holds d_m for m > s)
+    dS = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + kcols[:, None] * N + vcols[None, :]).to(tl.float32)
     for i in range(L // C - 1 - J):
-        dE = step_over(dE, r_ptr, dy_ptr, w_ptr, base, (L // C - 1 - i) * C, T, stride_t, cols, cols, C, LOG_C,
+        dS = step_over(dS, r_ptr, dy_ptr, w_ptr, base, (L // C - 1 - i) * C, T, stride_t, kcols, vcols, C, LOG_C,
                        STATE_PREC, PIECES, MASK_PREC, True)
     suf = suf_factor(g, LOG_C, C, PIECES, MASK_PREC)
-    kap = mm(v, tl.trans(dE), STATE_PREC)                                       # dE_J v_s
+    dS_v = mm(v, tl.trans(dS), STATE_PREC)                                      # dS_J v_s
     kq = k * suf
-    store_rows(dk_ptr, base, rows, T, cols, stride_t, DK + bonus * r + suf * kap)
-    dv = mm(tl.trans(A), dy, PREC) + tl.sum(r * u[None, :] * k, 1)[:, None] * dy + mm(kq, dE, STATE_PREC)
-    store_rows(dv_ptr, base, rows, T, cols, stride_t, dv)
-    DG += masked_sum(before_mask(C, LOG_C), kq * kap, DG_PIECES, MASK_PREC)        # sum over s < m
-    DG += (exp(tl.sum(g, 0)) * tl.sum(S * dE, 1))[None, :]             # the state through the whole sub-block
-    store_rows(dw_ptr, base, rows, T, cols, stride_t, tl.where(g > G_ZERO, DG * g, 0.0))
+    store_rows(dk_ptr, base, rows, T, kcols, stride_t, dk + u_dA * r + suf * dS_v)
+    dv = mm(tl.trans(A), dy, PREC) + tl.sum(r * u[None, :] * k, 1)[:, None] * dy + mm(kq, dS, STATE_PREC)
+    store_rows(dv_ptr, base, rows, T, vcols, stride_t, dv)
+    dg += masked_sum(before_mask(C, LOG_C), kq * dS_v, DG_PIECES, MASK_PREC)       # sum over s < m
+    dg += (exp(tl.sum(g, 0)) * tl.sum(S * dS, 1))[None, :]             # the state through the whole sub-block
+    store_rows(dw_ptr, base, rows, T, kcols, stride_t, tl.where(g > G_ZERO, dg * g, 0.0))
     # du partials: (B * H * NC * L / C, N), one row a program, summed by the caller
-    tl.store(du_ptr + pid.to(tl.int64) * N + cols, tl.sum(r * k * vdy[:, None], 0))
+    tl.store(du_ptr + pid.to(tl.int64) * N + kcols, tl.sum(r * k * dA_diag[:, None], 0))
 
 
 def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, settings, L):

@@ -86,39 +86,39 @@ def load_rows(ptr, base, rows, T, cols, stride_t):
 def load_rows_cached(ptr, base, rows, T, cols, stride_t, CACHE: tl.constexpr):
     """load_rows with the load's cache_modifier CACHE (".cg" makes a second load of the same rows a load of its
     own, not merged with the first). Triton 3.6 does not accept a default value for a string constexpr."""
-    ok = (rows >= 0) & (rows < T)
+    valid = (rows >= 0) & (rows < T)
     offs = rows[:, None] * stride_t + cols[None, :]
-    return tl.load((ptr + base) + offs, mask=ok[:, None], other=0.0, cache_modifier=CACHE).to(tl.float32)
+    return tl.load((ptr + base) + offs, mask=valid[:, None], other=0.0, cache_modifier=CACHE).to(tl.float32)
 
 
 @triton.jit
 def store_rows(ptr, base, rows, T, cols, stride_t, x):
-    ok = rows < T
+    valid = rows < T
     offs = rows[:, None] * stride_t + cols[None, :]
-    tl.store((ptr + base) + offs, x.to(ptr.dtype.element_ty), mask=ok[:, None])
+    tl.store((ptr + base) + offs, x.to(ptr.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
-def g_rows(w_ptr, base, rows, valid, T, cols, stride_t):
-    """Tile of g at rows `rows`, 0 where not `valid` or outside [0, T) (a step with g = 0 has decay 1)."""
-    ok = valid & (rows >= 0) & (rows < T)
+def g_rows(w_ptr, base, rows, selected, T, cols, stride_t):
+    """Tile of g at rows `rows`, 0 where not `selected` or outside [0, T) (a step with g = 0 has decay 1)."""
+    valid = selected & (rows >= 0) & (rows < T)
     offs = rows[:, None] * stride_t + cols[None, :]
-    w = tl.load((w_ptr + base) + offs, mask=ok[:, None], other=0.0)
-    return tl.where(ok[:, None], log_decay(w), 0.0)
+    w = tl.load((w_ptr + base) + offs, mask=valid[:, None], other=0.0)
+    return tl.where(valid[:, None], log_decay(w), 0.0)
 
 
 @triton.jit
-def chunk_start_state(s0_ptr, states_ptr, bh, c, NC, ik, jv, N: tl.constexpr, HAS_S0: tl.constexpr,
+def chunk_start_state(s0_ptr, states_ptr, bh, c, NC, kcols, vcols, N: tl.constexpr, HAS_S0: tl.constexpr,
                       HAS_STATES: tl.constexpr):
-    """State at the start of chunk c, rows ik x columns jv: s0 for chunk 0 (zero without one: HAS_S0 False), else
+    """State at the start of chunk c, rows kcols x columns vcols: s0 for chunk 0 (zero without one: HAS_S0 False), else
     states[bh, c - 1] (states holds the start states of chunks 1 .. NC-1, (B*H, NC-1, N, N); none when NC == 1:
     HAS_STATES False)."""
-    offs = ik[:, None] * N + jv[None, :]
-    S = tl.zeros(offs.shape, dtype=tl.float32)
+    state_offs = kcols[:, None] * N + vcols[None, :]
+    S = tl.zeros(state_offs.shape, dtype=tl.float32)
     if c == 0:
         if HAS_S0:
-            S = tl.load(s0_ptr + bh.to(tl.int64) * N * N + offs).to(tl.float32)
+            S = tl.load(s0_ptr + bh.to(tl.int64) * N * N + state_offs).to(tl.float32)
     else:
         if HAS_STATES:
-            S = tl.load(states_ptr + (bh.to(tl.int64) * (NC - 1) + c - 1) * N * N + offs).to(tl.float32)
+            S = tl.load(states_ptr + (bh.to(tl.int64) * (NC - 1) + c - 1) * N * N + state_offs).to(tl.float32)
     return S

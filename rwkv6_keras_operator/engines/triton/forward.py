@@ -34,23 +34,23 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
     h = bh % H
     base = row_base(head_base(b, h, T, stride_t, N), c * L, stride_t)   # the chunk's first row
     T = T - c * L                                                          # rows from there on
-    cols = tl.arange(0, N)
-    jv = tl.program_id(1) * BV + tl.arange(0, BV)
+    kcols = tl.arange(0, N)
+    vcols = tl.program_id(1) * BV + tl.arange(0, BV)
     idx = tl.arange(0, C)
     rows = J * C + idx
-    r = load_rows(r_ptr, base, rows, T, cols, stride_t)
-    k = load_rows(k_ptr, base, rows, T, cols, stride_t)
-    g = g_rows(w_ptr, base, rows, idx >= 0, T, cols, stride_t)          # 0 past T: decay 1
+    r = load_rows(r_ptr, base, rows, T, kcols, stride_t)
+    k = load_rows(k_ptr, base, rows, T, kcols, stride_t)
+    g = g_rows(w_ptr, base, rows, idx >= 0, T, kcols, stride_t)          # 0 past T: decay 1
     A = pair_scores(r, k, g, C, LOG_C, PREC, PIECES, MASK_PREC)
-    u = tl.load(u_ptr + h * N + cols)
+    u = tl.load(u_ptr + h * N + kcols)
     bonus = tl.sum(r * u[None, :] * k, 1)
     rq = r * pre_factor(g, LOG_C, C, PIECES, MASK_PREC)
-    v = load_rows(v_ptr, base, rows, T, jv, stride_t)
+    v = load_rows(v_ptr, base, rows, T, vcols, stride_t)
     y = mm(A, v, PREC) + bonus[:, None] * v                             # the pairs, and the bonus
-    S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, cols, jv,
+    S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, kcols, vcols,
                         N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC, HAS_S0, HAS_STATES)     # (N, BV)
     y += mm(rq, S, STATE_PREC)                                                # through the state
-    store_rows(y_ptr, base, rows, T, jv, stride_t, y)
+    store_rows(y_ptr, base, rows, T, vcols, stride_t, y)
 
 
 def launch_forward(r, k, v, w, u, s0, states, y, precisions, settings, L):

@@ -56,16 +56,16 @@ def pair_grads(r, k, dA, g, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.const
     """The pairs' parts of the backward, level by level, with dA[t, s] = dy_t . v_s:
 
         A[t, s]            (for dv; as pair_scores)
-        DR[t] = sum_{s<t} dA[t, s] k_s W[t, s],     DK[s] = sum_{t>s} dA[t, s] r_t W[t, s]
-        DG[m] = sum over levels h of the level's terms r_t DR^h[t] (t > m) and k_s DK^h[s] (s < m) that span m
+        dr[t] = sum_{s<t} dA[t, s] k_s W[t, s],     dk[s] = sum_{t>s} dA[t, s] r_t W[t, s]
+        dg[m] = sum over levels h of the level's terms r_t dr^h[t] (t > m) and k_s dk^h[s] (s < m) that span m
 
-    Every pair's term enters DG only at the rows m it really spans (masks.span_mask), so nothing cancels."""
+    Every pair's term enters dg only at the rows m it really spans (masks.span_mask), so nothing cancels."""
     p = pair_mask(C, 0)
     dA_h = tl.where(p, dA, 0.0)
     A = tl.where(p, mm(r, tl.trans(k), PREC), 0.0)
-    DR = mm(dA_h, k, PREC)                        # h = 1: W = 1, no row in between (nothing for DG)
-    DK = mm(tl.trans(dA_h), r, PREC)
-    DG = tl.zeros_like(r)
+    dr = mm(dA_h, k, PREC)                        # h = 1: W = 1, no row in between (nothing for dg)
+    dk = mm(tl.trans(dA_h), r, PREC)
+    dg = tl.zeros_like(r)
     for shift in range(1, LOG_C):
         p = pair_mask(C, shift)
         dA_h = tl.where(p, dA, 0.0)
@@ -76,7 +76,7 @@ def pair_grads(r, k, dA, g, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.const
         part_r = mm(dA_h, kq, PREC) * F                      # non-zero on lower halves only (rows t)
         part_k = mm(tl.trans(dA_h), rq, PREC) * F            # on upper halves only (rows s)
         # r * part_r lives on the lower halves, k * part_k on the upper halves: one masked sum takes both
-        DG += masked_sum(span_mask(C, shift), r * part_r + k * part_k, DG_PIECES, MASK_PREC)
-        DR += part_r
-        DK += part_k
-    return A, DR, DK, DG
+        dg += masked_sum(span_mask(C, shift), r * part_r + k * part_k, DG_PIECES, MASK_PREC)
+        dr += part_r
+        dk += part_k
+    return A, dr, dk, dg

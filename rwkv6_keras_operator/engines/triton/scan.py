@@ -41,16 +41,16 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
     b = bh // H
     h = bh % H
     head = head_base(b, h, T, stride_t, N)
-    ik = tl.program_id(1) * BK + tl.arange(0, BK)   # key channels of this tile
-    jv = tl.program_id(2) * BV + tl.arange(0, BV)   # value channels
+    kcols = tl.program_id(1) * BK + tl.arange(0, BK)   # key channels of this tile
+    vcols = tl.program_id(2) * BV + tl.arange(0, BV)   # value channels
     idx = tl.arange(0, L)
-    soffs = ik[:, None] * N + jv[None, :]
+    state_offs = kcols[:, None] * N + vcols[None, :]
     # per-key sums are (BK, BV) tiles, every column the same: written from the first value channel only
-    per_key = (ik[:, None] * 0 + jv[None, :]) == 0
-    key_offs = ik[:, None] + jv[None, :] * 0
+    per_key = (kcols[:, None] * 0 + vcols[None, :]) == 0
+    key_offs = kcols[:, None] + vcols[None, :] * 0
     S = tl.zeros([BK, BV], dtype=tl.float32)    # with segments, each from zero: combine_kernel adds the rest
     if HAS_INIT and G == 1:
-        S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs).to(tl.float32)
+        S = tl.load(init_ptr + bh.to(tl.int64) * N * N + state_offs).to(tl.float32)
     log = tl.zeros([BK, BV], dtype=tl.float32)      # sum of tot over the segment's chunks so far
     first = seg * SEG
     count = tl.minimum(SEG, NC - first)
@@ -58,7 +58,7 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
         if REVERSE:
             c = first + count - 1 - step
             # gradient w.r.t. the state at the end of chunk c
-            tl.store(chunks_ptr + (bh.to(tl.int64) * NC + c) * N * N + soffs, S.to(chunks_ptr.dtype.element_ty))
+            tl.store(chunks_ptr + (bh.to(tl.int64) * NC + c) * N * N + state_offs, S.to(chunks_ptr.dtype.element_ty))
         else:
             c = first + step
         if REVERSE and G > 1:   # the decay from the end of chunk c to the end of the segment
@@ -66,12 +66,12 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
         base = row_base(head, c * L, stride_t)                 # chunk c's first row; rows relative to it
         Tc = T - c * L
         rows = idx
-        a = load_rows(a_ptr, base, rows, Tc, ik, stride_t)     # (L, BK)
-        bm = load_rows(b_ptr, base, rows, Tc, jv, stride_t)    # (L, BV)
+        a = load_rows(a_ptr, base, rows, Tc, kcols, stride_t)     # (L, BK)
+        bm = load_rows(b_ptr, base, rows, Tc, vcols, stride_t)    # (L, BV)
         # the decay from each row to the chunk's end (forward: suf) or from its start (backward: pre), as direct
         # sums of g: masked products on the tensor cores (masks.masked_sum; H200, training shape, bf16, both
         # scans 0.72 ms, against 0.99 as cumsums of g loaded one row shifted)
-        g = g_rows(w_ptr, base, rows, idx >= 0, Tc, ik, stride_t)
+        g = g_rows(w_ptr, base, rows, idx >= 0, Tc, kcols, stride_t)
         if REVERSE:
             D = masked_sum(before_mask(L, LOG_L), g, PIECES, MASK_PREC)
         else:
@@ -86,13 +86,13 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
             tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, log, mask=per_key)
         if not REVERSE:
             # state at the start of chunk c + 1 (none stored after the last chunk: that is the final state)
-            tl.store(chunks_ptr + (bh.to(tl.int64) * (NC - 1) + c) * N * N + soffs,
-                     S.to(chunks_ptr.dtype.element_ty), mask=(soffs * 0 + c) < NC - 1)
+            tl.store(chunks_ptr + (bh.to(tl.int64) * (NC - 1) + c) * N * N + state_offs,
+                     S.to(chunks_ptr.dtype.element_ty), mask=(state_offs * 0 + c) < NC - 1)
     if G == 1:
         if STORE_OUT:
-            tl.store(out_ptr + bh.to(tl.int64) * N * N + soffs, S)
+            tl.store(out_ptr + bh.to(tl.int64) * N * N + state_offs, S)
     else:
-        tl.store(seg_ptr + (bh.to(tl.int64) * G + seg) * N * N + soffs, S)
+        tl.store(seg_ptr + (bh.to(tl.int64) * G + seg) * N * N + state_offs, S)
         tl.store(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + key_offs, log, mask=per_key)
 
 
@@ -103,20 +103,20 @@ def combine_kernel(init_ptr, out_ptr, seg_ptr, seg_log_ptr,
     """seg[g] <- the true state at the start of segment g (backward: the gradient at its end), in place of its
     own end state E_g; out <- the final state (backward: the gradient of s0)."""
     bh = tl.program_id(0)
-    ik = tl.program_id(1) * BK + tl.arange(0, BK)
-    jv = tl.program_id(2) * BV + tl.arange(0, BV)
-    soffs = ik[:, None] * N + jv[None, :]
+    kcols = tl.program_id(1) * BK + tl.arange(0, BK)
+    vcols = tl.program_id(2) * BV + tl.arange(0, BV)
+    state_offs = kcols[:, None] * N + vcols[None, :]
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INIT:
-        S = tl.load(init_ptr + bh.to(tl.int64) * N * N + soffs).to(tl.float32)
+        S = tl.load(init_ptr + bh.to(tl.int64) * N * N + state_offs).to(tl.float32)
     for i in range(G):
         seg = G - 1 - i if REVERSE else i
-        offs = (bh.to(tl.int64) * G + seg) * N * N + soffs
+        offs = (bh.to(tl.int64) * G + seg) * N * N + state_offs
         E = tl.load(seg_ptr + offs)
         tl.store(seg_ptr + offs, S)
-        S = exp(tl.load(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + ik))[:, None] * S + E
+        S = exp(tl.load(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + kcols))[:, None] * S + E
     if STORE_OUT:
-        tl.store(out_ptr + bh.to(tl.int64) * N * N + soffs, S)
+        tl.store(out_ptr + bh.to(tl.int64) * N * N + state_offs, S)
 
 
 @triton.jit
@@ -126,11 +126,11 @@ def fixup_kernel(chunks_ptr, seg_ptr, cum_ptr, NC, M, SEG, N: tl.constexpr, G: t
     pid = tl.program_id(0)
     bh = pid // M
     c = pid % M
-    i = tl.arange(0, N)
-    square = i[:, None] * N + i[None, :]
-    offs = pid.to(tl.int64) * N * N + square
-    start = tl.load(seg_ptr + (bh.to(tl.int64) * G + c // SEG) * N * N + square)
-    decay = exp(tl.load(cum_ptr + (bh.to(tl.int64) * NC + c) * N + i))
+    kcols = tl.arange(0, N)
+    state_offs = kcols[:, None] * N + kcols[None, :]
+    offs = pid.to(tl.int64) * N * N + state_offs
+    start = tl.load(seg_ptr + (bh.to(tl.int64) * G + c // SEG) * N * N + state_offs)
+    decay = exp(tl.load(cum_ptr + (bh.to(tl.int64) * NC + c) * N + kcols))
     fixed = tl.load(chunks_ptr + offs).to(tl.float32) + decay[:, None] * start
     tl.store(chunks_ptr + offs, fixed.to(chunks_ptr.dtype.element_ty))
 

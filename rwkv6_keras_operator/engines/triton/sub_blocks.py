@@ -19,7 +19,7 @@ def sub_block(pid, NC, L: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def step_over(S, a_ptr, b_ptr, w_ptr, base, t0, T, stride_t, cols, jv, C: tl.constexpr, LOG_C: tl.constexpr,
+def step_over(S, a_ptr, b_ptr, w_ptr, base, t0, T, stride_t, kcols, vcols, C: tl.constexpr, LOG_C: tl.constexpr,
               STATE_PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr, BACKWARD: tl.constexpr):
     """S carried over the sub-block t0 .. t0+C-1, the same update both ways (as in scan.py):
 
@@ -28,24 +28,24 @@ def step_over(S, a_ptr, b_ptr, w_ptr, base, t0, T, stride_t, cols, jv, C: tl.con
     """
     idx = tl.arange(0, C)
     rows = t0 + idx
-    g = g_rows(w_ptr, base, rows, idx >= 0, T, cols, stride_t)
+    g = g_rows(w_ptr, base, rows, idx >= 0, T, kcols, stride_t)
     if BACKWARD:
         decay = pre_factor(g, LOG_C, C, PIECES, MASK_PREC)
     else:
         decay = suf_factor(g, LOG_C, C, PIECES, MASK_PREC)
-    aq = load_rows(a_ptr, base, rows, T, cols, stride_t) * decay
-    b = load_rows(b_ptr, base, rows, T, jv, stride_t)
-    return exp(tl.sum(g, 0))[:, None] * S + mm(tl.trans(aq), b, STATE_PREC)
+    aq = load_rows(a_ptr, base, rows, T, kcols, stride_t) * decay
+    bm = load_rows(b_ptr, base, rows, T, vcols, stride_t)
+    return exp(tl.sum(g, 0))[:, None] * S + mm(tl.trans(aq), bm, STATE_PREC)
 
 
 @triton.jit
-def sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, cols, jv,
+def sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, kcols, vcols,
                     N: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, STATE_PREC: tl.constexpr,
                     PIECES: tl.constexpr, MASK_PREC: tl.constexpr, HAS_S0: tl.constexpr, HAS_STATES: tl.constexpr):
-    """S_J (N x len(jv)): the state at the start of sub-block J of chunk c, carried from the chunk's start over the
+    """S_J (N x len(vcols)): the state at the start of sub-block J of chunk c, carried from the chunk's start over the
     sub-blocks before it."""
-    S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, cols, jv, N, HAS_S0, HAS_STATES)
+    S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, kcols, vcols, N, HAS_S0, HAS_STATES)
     for jj in range(J):
-        S = step_over(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, cols, jv, C, LOG_C, STATE_PREC, PIECES,
+        S = step_over(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, kcols, vcols, C, LOG_C, STATE_PREC, PIECES,
                       MASK_PREC, False)
     return S
