@@ -1,7 +1,7 @@
 """The kernels bound to jax: the engine's ops as compositions of kernel launches, and one `jax.custom_vjp`.
 
-    forward_op(r, k, v, w, u, s0)                 -> y, final state, states at the chunk starts
-    backward_op(r, k, v, w, u, starts, dy, dsT)   -> dr, dk, dv, dw, du, ds0
+    forward_op(r, k, v, w, u, s0)                 -> y, final state, states (the state at every chunk start)
+    backward_op(r, k, v, w, u, states, dy, dsT)   -> dr, dk, dv, dw, du, ds0
     decode_op(r, k, v, w, u, s0)                  -> y, final state          (step by step, short T)
 
 r, k, v, w, dy: (B, T, H, N) of one dtype; u: (B, H, N) float32 (one row per batch row, so that folding vmapped
@@ -31,14 +31,14 @@ STATES = "b h c n m"
 
 
 def forward_impl(r, k, v, w, u, s0, *, L, precisions, settings):
-    starts, last = scan.launch_scan(k, v, w, s0, L=L, precisions=precisions, settings=settings)
-    y = forward.launch_forward(r, k, v, w, u, starts, L=L, precisions=precisions, settings=settings)
-    return y, last, starts
+    states, last = scan.launch_scan(k, v, w, s0, L=L, precisions=precisions, settings=settings)
+    y = forward.launch_forward(r, k, v, w, u, states, L=L, precisions=precisions, settings=settings)
+    return y, last, states
 
 
-def backward_impl(r, k, v, w, u, starts, dy, dsT, *, L, precisions, settings):
-    dends, ds0 = scan.launch_scan(r, dy, w, dsT, L=L, precisions=precisions, settings=settings, reverse=True)
-    dr, dk, dv, dw, du = backward.launch_backward(r, k, v, w, u, dy, starts, dends, L=L, precisions=precisions,
+def backward_impl(r, k, v, w, u, states, dy, dsT, *, L, precisions, settings):
+    dstates, ds0 = scan.launch_scan(r, dy, w, dsT, L=L, precisions=precisions, settings=settings, reverse=True)
+    dr, dk, dv, dw, du = backward.launch_backward(r, k, v, w, u, dy, states, dstates, L=L, precisions=precisions,
                                                   settings=settings)
     return dr, dk, dv, dw, du.sum(axis=2), ds0
 
@@ -89,14 +89,14 @@ def _wkv(r, k, v, w, u, s0, config):
 
 
 def _wkv_fwd(r, k, v, w, u, s0, config):
-    y, last, starts = forward_op(*config)(r, k, v, w, u, s0)
-    return (y, last), (r, k, v, w, u, starts)
+    y, last, states = forward_op(*config)(r, k, v, w, u, s0)
+    return (y, last), (r, k, v, w, u, states)
 
 
 def _wkv_bwd(config, residuals, cotangents):
-    r, k, v, w, u, starts = residuals
+    r, k, v, w, u, states = residuals
     dy, dlast = cotangents
-    return backward_op(*config)(r, k, v, w, u, starts, dy.astype(r.dtype), dlast.astype(jnp.float32))
+    return backward_op(*config)(r, k, v, w, u, states, dy.astype(r.dtype), dlast.astype(jnp.float32))
 
 
 _wkv.defvjp(_wkv_fwd, _wkv_bwd)

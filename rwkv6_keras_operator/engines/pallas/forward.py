@@ -13,35 +13,35 @@ import functools
 import jax
 
 from . import common
-from .levels import bonus, load_keys, pair_scores
+from .levels import bonus_scores, load_keys, pair_scores
 
 
-def forward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s_ref, y_ref, *, T, L, N, precisions):
+def forward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, y_ref, *, T, L, N, precisions):
     c, rows, valid = common.chunk_rows(L, T)
     h, b = common.program_id(1), common.program_id(2)
     size, n = common.blocks(N)
-    keys, us, r_pre = [], [], []
+    blocks, us, rq = [], [], []
     for i in range(n):
         kcols = common.ds(i * size, size)
         kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, precisions, r_ref=r_ref)
-        keys.append(kb)
+        blocks.append(kb)
         us.append(common.load(u_ref.at[b, h, kcols])[None, :])
-        r_pre.append(kb.r * kb.pre_factor())
+        rq.append(kb.r * kb.pre_factor())
     # (L, L), strictly lower; long chunks: levels as a loop (at L = 32 a loop is slower: fwd 1.43 against 1.29 ms,
     # H200, training shape)
-    A = pair_scores(keys, L, precisions.prec, unroll=L <= 32)
-    diag = bonus(keys, us)                    # (L, 1)
+    A = pair_scores(blocks, L, precisions.prec, unroll=L <= 32)
+    bonus = bonus_scores(blocks, us)          # (L, 1)
     for j in range(n):
         vcols = common.ds(j * size, size)
         v = common.load(v_ref.at[b, rows, h, vcols], valid)
-        y = common.mm(A, v, precisions.prec) + diag * v
+        y = common.mm(A, v, precisions.prec) + bonus * v
         for i in range(n):
-            S = common.load(s_ref.at[b, h, c, common.ds(i * size, size), vcols])
-            y = y + common.mm(r_pre[i], S, precisions.state_prec)
+            S = common.load(states_ref.at[b, h, c, common.ds(i * size, size), vcols])
+            y = y + common.mm(rq[i], S, precisions.state_prec)
         common.store(y_ref.at[b, rows, h, vcols], y, valid)
 
 
-def launch_forward(r, k, v, w, u, starts, *, L, precisions, settings):
+def launch_forward(r, k, v, w, u, states, *, L, precisions, settings):
     """y (B, T, H, N) in r's dtype from the states at the chunk starts (B, H, nc, N, N)."""
     B, T, H, N = r.shape
     nc = -(-T // L)
@@ -50,4 +50,4 @@ def launch_forward(r, k, v, w, u, starts, *, L, precisions, settings):
         kernel, grid=(nc, H, B), num_warps=settings.chunk_warps(settings.forward_warps, N, r.dtype),
         num_stages=settings.forward_stages, name="wkv6_forward",
         out_shape=jax.ShapeDtypeStruct(r.shape, r.dtype),
-    )(r, k, v, w, u, starts)
+    )(r, k, v, w, u, states)

@@ -50,9 +50,9 @@ class ChunkKeys:
         return common.exp(jnp.sum(self.g, axis=0, keepdims=True))
 
 
-def load_keys(ref_key, w_ref, b, h, rows, valid, cols, L, precisions, r_ref=None):
-    """ChunkKeys for one key block: key rows (and r rows if given), g = 0 on padding rows."""
-    key = common.load(ref_key.at[b, rows, h, cols], valid)
+def load_keys(k_ref, w_ref, b, h, rows, valid, cols, L, precisions, r_ref=None):
+    """ChunkKeys for one key block: k rows (and r rows if given), g = 0 on padding rows."""
+    key = common.load(k_ref.at[b, rows, h, cols], valid)
     g = jnp.where(valid, common.log_decay(common.load(w_ref.at[b, rows, h, cols], valid)), 0.0)
     r = key if r_ref is None else common.load(r_ref.at[b, rows, h, cols], valid)
     return ChunkKeys(r, key, g, L, precisions)
@@ -124,8 +124,8 @@ def pair_grads(kb, dA, A, precisions):
     return level_loop(L, level, carry, unroll=False)
 
 
-def bonus(blocks, us):
-    """sum_i r_t[i] u[i] k_t[i]: the diagonal t = s, as an (L, 1) column (exact, element-wise)."""
+def bonus_scores(blocks, us):
+    """A[t, t] = sum_i r_t[i] u[i] k_t[i]: the diagonal t = s (the bonus), as an (L, 1) column (exact, element-wise)."""
     out = None
     for kb, u in zip(blocks, us):
         out = common.add(out, jnp.sum(kb.r * u * kb.k, axis=1, keepdims=True))

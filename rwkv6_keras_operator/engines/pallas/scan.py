@@ -1,19 +1,21 @@
 """The scan over chunks: the only sequential part of the chunked engine.
 
-    forward  (reverse=False):  out[c] = S;  S <- a_c * S + X_c   for c = 0, 1, ..., nc-1   (S starts at s0)
-    backward (reverse=True):   out[c] = S;  S <- a_c * S + X_c   for c = nc-1, ..., 0       (S starts at dS_T)
+    forward  (reverse=False):  states[c] = S;  S <- tot_c * S + X_c   for c = 0, 1, ..., nc-1   (S starts at init)
+    backward (reverse=True):   states[c] = S;  S <- tot_c * S + X_c   for c = nc-1, ..., 0       (S starts at init)
 
-a_c (a column over keys) scales the rows of S. Forward, out[c] is the state at the start of chunk c and the
-final S the state after the last step; backward, out[c] is the gradient of the state at the end of chunk c
-and the final S the gradient of s0. `launch_scan` picks one of two ways:
+tot_c (a column over keys: exp of the sum of g over chunk c) scales the rows of S; X_c = sum over the chunk's rows of
+(a * decay) b^T, with a, b = k, v forward (decay: to the chunk's end) and r, dy backward (from its start).
+Forward, init is s0, states[c] the state at the start of chunk c and the last S the state after the last step;
+backward, init is the gradient of the final state, states[c] the gradient of the state at the end of chunk c and
+the last S the gradient of s0. `launch_scan` picks one of two ways:
 
     enough programs (rows x heads x state blocks >= settings.state_scan_min_programs; below
         settings.state_scan_narrow_below the key blocks narrow to settings.state_scan_keys_few rows): one kernel
-        (state_scan_kernel) that builds X_c and a_c from the chunk's own rows as it goes (levels.ChunkKeys), so X
+        (state_scan_kernel) that builds X_c and tot_c from the chunk's own rows as it goes (levels.ChunkKeys), so X
         never goes through memory, its loads pipelined ahead of the chain (settings.state_scan_stages);
-    fewer (short inputs, few rows and heads): state_terms builds every X_c at once (in parallel over
-        chunks), then `scan_terms` carries S through them; its loads do not depend on S, so they pipeline, and the
-        sequential steps stay short.
+    fewer (short inputs, few rows and heads): state_terms builds every X_c at once (in parallel over chunks), then
+        scan_terms carries S through them; its loads do not depend on S, so they pipeline, and the sequential steps
+        stay short.
 """
 import functools
 
@@ -25,50 +27,50 @@ from . import common
 from .levels import load_keys
 
 
-def state_terms_kernel(key_ref, val_ref, w_ref, x_ref, a_ref, *, T, L, N, precisions, reverse):
+def state_terms_kernel(a_ref, b_ref, w_ref, x_ref, tot_ref, *, T, L, N, precisions, reverse):
     c, rows, valid = common.chunk_rows(L, T)
     h, b = common.program_id(1), common.program_id(2)
     size, n = common.blocks(N)
     for i in range(n):
         kcols = common.ds(i * size, size)
-        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, precisions)
-        common.store(a_ref.at[b, h, c, kcols], kb.tot_factor()[0])
-        kq = kb.state_rows(reverse)
+        kb = load_keys(a_ref, w_ref, b, h, rows, valid, kcols, L, precisions)
+        common.store(tot_ref.at[b, h, c, kcols], kb.tot_factor()[0])
+        aq = kb.state_rows(reverse)
         for j in range(n):
             vcols = common.ds(j * size, size)
-            val = common.load(val_ref.at[b, rows, h, vcols], valid)
-            common.store(x_ref.at[b, h, c, kcols, vcols], common.mm(kq, val, precisions.state_prec, ta=True))
+            bm = common.load(b_ref.at[b, rows, h, vcols], valid)
+            common.store(x_ref.at[b, h, c, kcols, vcols], common.mm(aq, bm, precisions.state_prec, ta=True))
 
 
-def state_terms(key, val, w, *, L, precisions, settings, reverse=False):
-    """X (B, H, nc, N, N) and a (B, H, nc, N), float32, for the scan over chunks."""
-    B, T, H, N = key.shape
+def state_terms(a, b, w, *, L, precisions, settings, reverse=False):
+    """X (B, H, nc, N, N) and tot (B, H, nc, N), float32, for the scan over chunks."""
+    B, T, H, N = a.shape
     nc = -(-T // L)
     kernel = functools.partial(state_terms_kernel, T=T, L=L, N=N, precisions=precisions, reverse=reverse)
     return common.call(
         kernel, grid=(nc, H, B), num_warps=settings.state_terms_warps, num_stages=2, name="wkv6_state_terms",
         out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), jnp.float32),
                    jax.ShapeDtypeStruct((B, H, nc, N), jnp.float32)),
-    )(key, val, w)
+    )(a, b, w)
 
 
-def scan_terms_kernel(x_ref, a_ref, s0_ref, out_ref, last_ref, *, nc, BV, reverse):
+def scan_terms_kernel(x_ref, tot_ref, init_ref, states_ref, last_ref, *, nc, BV, reverse):
     j, h, b = common.program_id(0), common.program_id(1), common.program_id(2)
     vcols = common.ds(j * BV, BV)
 
     def step(i, S):
         c = nc - 1 - i if reverse else i
         X = common.load(x_ref.at[b, h, c, :, vcols])
-        a = common.load(a_ref.at[b, h, c, :])[:, None]
-        common.store(out_ref.at[b, h, c, :, vcols], S)
-        return a * S + X
+        tot = common.load(tot_ref.at[b, h, c, :])[:, None]
+        common.store(states_ref.at[b, h, c, :, vcols], S)
+        return tot * S + X
 
-    S = lax.fori_loop(0, nc, step, common.load(s0_ref.at[b, h, :, vcols]))
+    S = lax.fori_loop(0, nc, step, common.load(init_ref.at[b, h, :, vcols]))
     common.store(last_ref.at[b, h, :, vcols], S)
 
 
-def scan_terms(X, a, s0, *, precisions, settings, reverse=False):
-    """out (B, H, nc, N, N) in precisions.states_dtype and the final (B, H, N, N) float32."""
+def scan_terms(X, tot, init, *, precisions, settings, reverse=False):
+    """states (B, H, nc, N, N) in precisions.states_dtype and the final (B, H, N, N) float32."""
     B, H, nc, N, _ = X.shape
     BV = min(settings.scan_terms_block, N)
     kernel = functools.partial(scan_terms_kernel, nc=nc, BV=BV, reverse=reverse)
@@ -76,10 +78,10 @@ def scan_terms(X, a, s0, *, precisions, settings, reverse=False):
         kernel, grid=(N // BV, H, B), num_warps=settings.scan_terms_warps, num_stages=3, name="wkv6_scan",
         out_shape=(jax.ShapeDtypeStruct(X.shape, precisions.states_dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
-    )(X, a, s0)
+    )(X, tot, init)
 
 
-def state_scan_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, L, nc, N, BK, BV, precisions, reverse):
+def state_scan_kernel(a_ref, b_ref, w_ref, init_ref, states_ref, last_ref, *, T, L, nc, N, BK, BV, precisions, reverse):
     j, h, b = common.program_id(0), common.program_id(1), common.program_id(2)
     kcols = common.ds((j // (N // BV)) * BK, BK)
     vcols = common.ds((j % (N // BV)) * BV, BV)
@@ -88,20 +90,20 @@ def state_scan_kernel(key_ref, val_ref, w_ref, s0_ref, out_ref, last_ref, *, T, 
         c = nc - 1 - i if reverse else i
         rows = common.ds(c * L, L)
         valid = ((c * L + jnp.arange(L)) < T)[:, None]
-        kb = load_keys(key_ref, w_ref, b, h, rows, valid, kcols, L, precisions)
-        val = common.load(val_ref.at[b, rows, h, vcols], valid)
-        common.store(out_ref.at[b, h, c, kcols, vcols], S)
-        return kb.tot_factor()[0][:, None] * S + common.mm(kb.state_rows(reverse), val, precisions.state_prec, ta=True)
+        kb = load_keys(a_ref, w_ref, b, h, rows, valid, kcols, L, precisions)
+        bm = common.load(b_ref.at[b, rows, h, vcols], valid)
+        common.store(states_ref.at[b, h, c, kcols, vcols], S)
+        return kb.tot_factor()[0][:, None] * S + common.mm(kb.state_rows(reverse), bm, precisions.state_prec, ta=True)
 
-    S = lax.fori_loop(0, nc, step, common.load(s0_ref.at[b, h, kcols, vcols]))
+    S = lax.fori_loop(0, nc, step, common.load(init_ref.at[b, h, kcols, vcols]))
     common.store(last_ref.at[b, h, kcols, vcols], S)
 
 
-def launch_scan(key, val, w, s0, *, L, precisions, settings, reverse=False):
-    """out (B, H, nc, N, N) in precisions.states_dtype and the final (B, H, N, N) float32 of the scan whose
-    X_c = sum over the chunk's rows of (key * decay) val^T (decay: to the chunk's end forward, from its start
-    backward) and a_c = exp(tot_c)."""
-    B, T, H, N = key.shape
+def launch_scan(a, b, w, init, *, L, precisions, settings, reverse=False):
+    """states (B, H, nc, N, N) in precisions.states_dtype and the last (B, H, N, N) float32 of the scan whose
+    X_c = sum over the chunk's rows of (a * decay) b^T (decay: to the chunk's end forward, from its start
+    backward) and tot_c = exp(sum of g over the chunk); a, b = k, v forward and r, dy backward."""
+    B, T, H, N = a.shape
     nc = -(-T // L)
     BV = min(settings.state_scan_block, N)
 
@@ -112,8 +114,8 @@ def launch_scan(key, val, w, s0, *, L, precisions, settings, reverse=False):
     if programs(BK) < settings.state_scan_narrow_below:   # few rows and heads: narrower key blocks, more programs
         BK = common.blocks(N, settings.state_scan_keys_few)[0]
     if programs(BK) < settings.state_scan_min_programs:
-        X, a = state_terms(key, val, w, L=L, precisions=precisions, settings=settings, reverse=reverse)
-        return scan_terms(X, a, s0, precisions=precisions, settings=settings, reverse=reverse)
+        X, tot = state_terms(a, b, w, L=L, precisions=precisions, settings=settings, reverse=reverse)
+        return scan_terms(X, tot, init, precisions=precisions, settings=settings, reverse=reverse)
     kernel = functools.partial(state_scan_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, precisions=precisions,
                                reverse=reverse)
     return common.call(
@@ -121,4 +123,4 @@ def launch_scan(key, val, w, s0, *, L, precisions, settings, reverse=False):
         num_stages=settings.state_scan_stages, name="wkv6_state_scan",
         out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), precisions.states_dtype),
                    jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
-    )(key, val, w, s0)
+    )(a, b, w, init)

@@ -5,8 +5,8 @@ Forward: S_{c+1} = diag(tot_c) S_c + sum_{s in c} (k_s * suf_s) v_s^T, from S_0 
 Backward: dS_{c-1} = diag(tot_c) dS_c + sum_{t in c} (r_t * pre_t) dy_t^T, from dS = dstate (or 0) at the end of
     the last chunk back to the first. Stores dS at the end of every chunk, and the gradient of s0.
 
-Both are the same update, S <- diag(exp(tot)) S + (a * exp(D))^T b, with (a, b, D) = (k, v, suffix sums) forward
-and (r, dy, prefix sums) backward. Every (i, j) entry of S evolves on its own, so a program owns a BK x BV tile of
+Both are the same update, S <- diag(exp(g_tot)) S + (a * exp(g_decay))^T b, with g_tot the sum of g over the chunk
+and (a, b, g_decay) = (k, v, the sums of g after each row) forward and (r, dy, the sums before each row) backward. Every (i, j) entry of S evolves on its own, so a program owns a BK x BV tile of
 one head's state and walks the chunks in order: the sequential part is one small matrix product per chunk.
 
 Few heads and long sequences leave few programs with long chains; then the chunks are cut into G segments scanned
@@ -28,10 +28,10 @@ from .masks import after_mask, before_mask, column_sums, masked_sum
 
 
 @triton.jit
-def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_ptr, seg_log_ptr, cum_ptr,
+def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, last_ptr, states_ptr, seg_ptr, seg_log_ptr, cum_ptr,
                       T, H, NC, SEG, stride_t,
                       N: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      G: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr,
+                      G: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr,
                       STATE_PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     tl.static_assert(L == 1 << LOG_L, "the chunk must be L = 2^LOG_L rows")
     tl.static_assert(N % BK == 0, "the key block BK must divide the head size N")
@@ -51,57 +51,56 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, out_ptr, chunks_ptr, seg_pt
     S = tl.zeros([BK, BV], dtype=tl.float32)    # with segments, each from zero: combine_kernel adds the rest
     if HAS_INIT and G == 1:
         S = tl.load(init_ptr + bh.to(tl.int64) * N * N + state_offs).to(tl.float32)
-    log = tl.zeros([BK, BV], dtype=tl.float32)      # sum of tot over the segment's chunks so far
+    g_seg = tl.zeros([BK, BV], dtype=tl.float32)    # sum of g_tot over the segment's chunks so far
     first = seg * SEG
     count = tl.minimum(SEG, NC - first)
     for step in range(count):
         if REVERSE:
             c = first + count - 1 - step
             # gradient w.r.t. the state at the end of chunk c
-            tl.store(chunks_ptr + (bh.to(tl.int64) * NC + c) * N * N + state_offs, S.to(chunks_ptr.dtype.element_ty))
+            tl.store(states_ptr + (bh.to(tl.int64) * NC + c) * N * N + state_offs, S.to(states_ptr.dtype.element_ty))
         else:
             c = first + step
         if REVERSE and G > 1:   # the decay from the end of chunk c to the end of the segment
-            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, log, mask=per_key)
+            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, g_seg, mask=per_key)
         base = row_base(head, c * L, stride_t)                 # chunk c's first row; rows relative to it
         Tc = T - c * L
         rows = idx
         a = load_rows(a_ptr, base, rows, Tc, kcols, stride_t)     # (L, BK)
         bm = load_rows(b_ptr, base, rows, Tc, vcols, stride_t)    # (L, BV)
         # the decay from each row to the chunk's end (forward: suf) or from its start (backward: pre), as direct
-        # sums of g: masked products on the tensor cores (masks.masked_sum; H200, training shape, bf16, both
-        # scans 0.72 ms, against 0.99 as cumsums of g loaded one row shifted)
+        # sums of g: masked products on the tensor cores (masks.masked_sum), not differences of running sums
         g = g_rows(w_ptr, base, rows, idx >= 0, Tc, kcols, stride_t)
         if REVERSE:
-            D = masked_sum(before_mask(L, LOG_L), g, PIECES, MASK_PREC)
+            g_decay = masked_sum(before_mask(L, LOG_L), g, PIECES, MASK_PREC)
         else:
-            D = masked_sum(after_mask(L, LOG_L), g, PIECES, MASK_PREC)
-        # tot[i, j] = sum of g over the chunk for key i, in every value column j: on the tensor cores too (a
-        # reduction over the rows crosses warps; it held 36% of the scan's stall samples, H200 profile)
-        tot = column_sums(g, L, BV, PIECES, MASK_PREC)
-        aq = a * exp(D)
-        S = exp(tot) * S + mm(tl.trans(aq), bm, STATE_PREC)
-        log += tot
+            g_decay = masked_sum(after_mask(L, LOG_L), g, PIECES, MASK_PREC)
+        # g_tot[i, j] = sum of g over the chunk for key i, in every value column j: a product on the tensor cores
+        # too, which leaves the result in the layout of the products (a reduction over the rows crosses warps)
+        g_tot = column_sums(g, L, BV, PIECES, MASK_PREC)
+        aq = a * exp(g_decay)
+        S = exp(g_tot) * S + mm(tl.trans(aq), bm, STATE_PREC)
+        g_seg += g_tot
         if not REVERSE and G > 1:   # the decay from the start of the segment to the end of chunk c
-            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, log, mask=per_key)
+            tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, g_seg, mask=per_key)
         if not REVERSE:
             # state at the start of chunk c + 1 (none stored after the last chunk: that is the final state)
-            tl.store(chunks_ptr + (bh.to(tl.int64) * (NC - 1) + c) * N * N + state_offs,
-                     S.to(chunks_ptr.dtype.element_ty), mask=(state_offs * 0 + c) < NC - 1)
+            tl.store(states_ptr + (bh.to(tl.int64) * (NC - 1) + c) * N * N + state_offs,
+                     S.to(states_ptr.dtype.element_ty), mask=(state_offs * 0 + c) < NC - 1)
     if G == 1:
-        if STORE_OUT:
-            tl.store(out_ptr + bh.to(tl.int64) * N * N + state_offs, S)
+        if STORE_LAST:
+            tl.store(last_ptr + bh.to(tl.int64) * N * N + state_offs, S)
     else:
         tl.store(seg_ptr + (bh.to(tl.int64) * G + seg) * N * N + state_offs, S)
-        tl.store(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + key_offs, log, mask=per_key)
+        tl.store(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + key_offs, g_seg, mask=per_key)
 
 
 @triton.jit
-def combine_kernel(init_ptr, out_ptr, seg_ptr, seg_log_ptr,
+def combine_kernel(init_ptr, last_ptr, seg_ptr, seg_log_ptr,
                    N: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, G: tl.constexpr,
-                   REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_OUT: tl.constexpr):
+                   REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr):
     """seg[g] <- the true state at the start of segment g (backward: the gradient at its end), in place of its
-    own end state E_g; out <- the final state (backward: the gradient of s0)."""
+    own end state E_g; last <- the final state (backward: the gradient of s0)."""
     bh = tl.program_id(0)
     kcols = tl.program_id(1) * BK + tl.arange(0, BK)
     vcols = tl.program_id(2) * BV + tl.arange(0, BV)
@@ -115,12 +114,12 @@ def combine_kernel(init_ptr, out_ptr, seg_ptr, seg_log_ptr,
         E = tl.load(seg_ptr + offs)
         tl.store(seg_ptr + offs, S)
         S = exp(tl.load(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + kcols))[:, None] * S + E
-    if STORE_OUT:
-        tl.store(out_ptr + bh.to(tl.int64) * N * N + state_offs, S)
+    if STORE_LAST:
+        tl.store(last_ptr + bh.to(tl.int64) * N * N + state_offs, S)
 
 
 @triton.jit
-def fixup_kernel(chunks_ptr, seg_ptr, cum_ptr, NC, M, SEG, N: tl.constexpr, G: tl.constexpr):
+def fixup_kernel(states_ptr, seg_ptr, cum_ptr, NC, M, SEG, N: tl.constexpr, G: tl.constexpr):
     """Stored state c += diag(exp(cum_c)) (true state of c's segment): one program per stored state. Stored state c
     is the one at the end of chunk c (the start of chunk c + 1 forward: M = NC - 1 of them; backward M = NC)."""
     pid = tl.program_id(0)
@@ -131,13 +130,13 @@ def fixup_kernel(chunks_ptr, seg_ptr, cum_ptr, NC, M, SEG, N: tl.constexpr, G: t
     offs = pid.to(tl.int64) * N * N + state_offs
     start = tl.load(seg_ptr + (bh.to(tl.int64) * G + c // SEG) * N * N + state_offs)
     decay = exp(tl.load(cum_ptr + (bh.to(tl.int64) * NC + c) * N + kcols))
-    fixed = tl.load(chunks_ptr + offs).to(tl.float32) + decay[:, None] * start
-    tl.store(chunks_ptr + offs, fixed.to(chunks_ptr.dtype.element_ty))
+    fixed = tl.load(states_ptr + offs).to(tl.float32) + decay[:, None] * start
+    tl.store(states_ptr + offs, fixed.to(states_ptr.dtype.element_ty))
 
 
-def launch_scan(a, b, w, init, out, chunks, reverse, precisions, settings, L):
-    """a, b, w: (B, T, H, N); init: (B, H, N, N) float32 or None; out: (B, H, N, N) or None (not stored);
-    chunks: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward, in precisions.states_dtype;
+def launch_scan(a, b, w, init, last, states, reverse, precisions, settings, L):
+    """a, b, w: (B, T, H, N); init: (B, H, N, N) float32 or None; last: (B, H, N, N) or None (not stored);
+    states: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward, in precisions.states_dtype;
     precisions: the shared.Precisions of the inputs; settings: settings.Settings; L: the chunk length."""
     B, T, H, N = a.shape
     NC = -(-T // L)
@@ -153,15 +152,15 @@ def launch_scan(a, b, w, init, out, chunks, reverse, precisions, settings, L):
         seg_log = torch.empty((B, H, G, N), dtype=torch.float32, device=a.device)
         cum = torch.empty((B, H, NC, N), dtype=torch.float32, device=a.device)
     state_scan_kernel[(B * H * G,) + tiles](
-        a, b, w, init, out, chunks, seg, seg_log, cum, T, H, NC, SEG, H * N,
+        a, b, w, init, last, states, seg, seg_log, cum, T, H, NC, SEG, H * N,
         N=N, L=L, LOG_L=L.bit_length() - 1, BK=BK, BV=BV, G=G, REVERSE=reverse, HAS_INIT=init is not None,
-        STORE_OUT=out is not None,
+        STORE_LAST=last is not None,
         **precision_args(precisions, "STATE_PREC", "PIECES", "MASK_PREC"), num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     if G > 1:
-        combine_kernel[(B * H,) + tiles](init, out, seg, seg_log, N=N, BK=BK, BV=BV, G=G, REVERSE=reverse,
-                                         HAS_INIT=init is not None, STORE_OUT=out is not None,
+        combine_kernel[(B * H,) + tiles](init, last, seg, seg_log, N=N, BK=BK, BV=BV, G=G, REVERSE=reverse,
+                                         HAS_INIT=init is not None, STORE_LAST=last is not None,
                                          num_warps=launch.num_warps)
-        if chunks.numel():
+        if states.numel():
             M = NC if reverse else NC - 1
-            fixup_kernel[(B * H * M,)](chunks, seg, cum, NC, M, SEG, N=N, G=G, num_warps=4)
+            fixup_kernel[(B * H * M,)](states, seg, cum, NC, M, SEG, N=N, G=G, num_warps=4)
