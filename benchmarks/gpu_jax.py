@@ -263,7 +263,7 @@ def kernels():
     B, T, H, N = SHAPES[os.environ.get("KERNELS_SHAPE", "train")]
     r, k, v, w, u, dy, s0 = make(B, T, H, N)
     settings = pallas.SETTINGS
-    L = binding.chunk_length(T, settings.chunk)
+    L = settings.chunk_length(T)
     precisions = binding.precisions(r.dtype, settings.low_precision)
     x4 = [a.reshape(B, T, H, N) for a in (r, k, v, w, dy)]
     ub = jnp.broadcast_to(u[None], (B, H, N))

@@ -64,12 +64,6 @@ def decode_op(settings):
     return parallel_op(functools.partial(decode_impl, settings=settings), (X4, X4, X4, X4, U, S), (X4, S))
 
 
-def chunk_length(T, chunk):
-    """Chunk length: `chunk` (a power of two >= 16), or the power of two >= T when T is shorter, at least 16 (the
-    smallest side of a tile product)."""
-    return shared.chunk_length(T, chunk, 16)
-
-
 def precisions(dtype, low_precision):
     """The shared.Precisions of the kernels for inputs of `dtype`; in the interpreter, float32 inputs get exact float32
     products (IEEE)."""
@@ -112,5 +106,5 @@ def wkv(r, k, v, w, u, s0, *, settings=Settings()):
     B, T, H, N = r.shape
     u = jnp.broadcast_to(jnp.asarray(u, jnp.float32)[None], (B, H, N))
     s0 = jnp.zeros((B, H, N, N), jnp.float32) if s0 is None else jnp.asarray(s0, jnp.float32)
-    config = (chunk_length(T, settings.chunk), precisions(r.dtype, settings.low_precision), settings)
+    config = (settings.chunk_length(T), precisions(r.dtype, settings.low_precision), settings)
     return _wkv(r, k, v, w, u, s0, config)

@@ -5,6 +5,7 @@ defaults were chosen from the compiled kernels' register and spill reports and t
 """
 import dataclasses
 
+from .. import shared
 from ..shared import Precision
 
 
@@ -41,6 +42,11 @@ class Settings:
         if not isinstance(self.chunk, int) or self.chunk < 16 or self.chunk & (self.chunk - 1):
             raise ValueError(f"Settings.chunk must be a power of two >= 16 (the side of a tile product); "
                              f"got {self.chunk!r}")
+
+    def chunk_length(self, T):
+        """L for T tokens: `chunk`, or the power of two >= T for a shorter sequence, at least 16 (the smallest side
+        of a tile product)."""
+        return shared.chunk_length(T, self.chunk, 16)
 
     def chunk_warps(self, warps, N, dtype):
         """num_warps of a chunk kernel: `warps` (one of the *_warps fields) for N <= 64 and 16-bit inputs, where it was
