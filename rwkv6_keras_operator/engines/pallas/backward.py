@@ -1,4 +1,4 @@
-"""The chunk-parallel backward kernel (docs/math.md, "The backward pass").
+"""The backward chunk kernel: every gradient inside a chunk (docs/math.md, "The backward pass").
 
 One program per (chunk c, head h, row b). With S the state at the chunk start (forward scan) and dS the
 gradient of the state at the chunk end (backward scan), everything is local to the chunk:
@@ -11,8 +11,8 @@ gradient of the state at the chunk end (backward scan), everything is local to t
     dw = dg * g  (0 where the decay exp(g) is 0 in float32, the clamp at W_MAX included)
 
 dg_m collects every term whose weight holds d_m. docs/math.md writes it as sum_{t>m} X_t - sum_{s>=m} Y_s
-+ ...: a difference of sums that cancel where decays are strong (dg ~ 0 from O(1) terms; seen: 3e-5 relative
-error in dw). Here each sum holds only terms that really span m, so nothing cancels:
++ ...: a difference of sums that cancel where decays are strong (dg ~ 0 from O(1) terms, so dw would lose its
+relative accuracy). Here each sum holds only terms that really span m, so nothing cancels:
 
     dg_m = sum_h [ sum_{t>m, t in m's h-block} X^h_t + sum_{s<m, s in m's h-block} Y^h_s ]     (pairs)
          + sum_{t>m} r_t pre_t (S dy_t) + sum_{s<m} k_s suf_s (dS v_s) + tot * sum_j S[:, j] dS[:, j]

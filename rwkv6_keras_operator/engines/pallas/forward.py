@@ -1,4 +1,4 @@
-"""The chunk-parallel forward kernel: the outputs (docs/math.md, "Chunks").
+"""The forward chunk kernel: the outputs (docs/math.md, "Chunks").
 
 One program per (chunk c, head h, row b) reads its L x N tiles straight from the (B, T, H, N) arrays (rows past T
 are masked: zero inputs and g = 0, so padding changes nothing) and the state at its chunk's start S_c (scan.py):
@@ -27,8 +27,7 @@ def forward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, y_ref, *, T, L
         blocks.append(kb)
         us.append(common.load(u_ref.at[b, h, kcols])[None, :])
         rq.append(kb.r * kb.pre_factor())
-    # (L, L), strictly lower; long chunks: levels as a loop (at L = 32 a loop is slower: fwd 1.43 against 1.29 ms,
-    # H200, training shape)
+    # (L, L), strictly lower; the levels unrolled up to L = 32 (faster there), a loop for longer chunks
     A = pair_scores(blocks, L, precisions.prec, unroll=L <= 32)
     bonus = bonus_scores(blocks, us)          # (L, 1)
     for j in range(n):

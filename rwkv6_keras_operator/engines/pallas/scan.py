@@ -1,4 +1,4 @@
-"""The scan over chunks: the only sequential part of the chunked engine.
+"""The state scan across chunks, the only sequential part of the chunked engine (docs/math.md, "Chunks").
 
     forward  (reverse=False):  states[c] = S;  S <- tot_c * S + X_c   for c = 0, 1, ..., nc-1   (S starts at init)
     backward (reverse=True):   states[c] = S;  S <- tot_c * S + X_c   for c = nc-1, ..., 0       (S starts at init)

@@ -1,7 +1,7 @@
 """Settings of the Pallas engine: one frozen dataclass, passed explicitly from `binding.wkv` (a static argument of its
 jit, so other settings trace other programs) down to every launch, as jax's Pallas ops pass their BlockSizes. The
-defaults were chosen from the compiled kernels' register and spill reports and timings on an H200
-(benchmarks/notes_pallas.md, benchmarks/RESULTS.md); `benchmarks/gpu_jax.py` times the alternatives (VARIANTS).
+defaults were chosen from the compiled kernels' register and spill reports and from timings (benchmarks/RESULTS.md,
+benchmarks/notes_pallas.md); `benchmarks/gpu_jax.py` times the alternatives (VARIANTS).
 """
 import dataclasses
 

@@ -29,7 +29,7 @@ def _wkv(r, k, v, w, u, s0):
 
 @functools.cache
 def _compiled():
-    # Under jax, op-by-op dispatch of the ~150 small ops costs ~0.3 s a call; one jitted program (inlined
+    # Under jax, op-by-op dispatch of the ~150 small ops costs far more than the math; one jitted program (inlined
     # when the caller is itself being traced) costs what the math costs.
     if keras.backend.backend() == "jax":
         import jax

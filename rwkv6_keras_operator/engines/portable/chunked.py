@@ -17,8 +17,9 @@ The math is written down in docs/math.md; in short, per (batch, head) and with d
   r_t * pre_L(t).
 
 All of it runs in float32 whatever the input dtype; for float32 inputs the matrix products are full float32
-products (`matmul`), also where the backend would use TF32 on its own (jax on NVIDIA GPUs). `w` is clamped at W_MAX before exp(w): beyond it the
-decay exp(-exp(w)) is exactly 0.0 in float32 either way, and -inf (from exp(+100)) never appears.
+products (`matmul`), also where the backend would use TF32 on its own (jax on NVIDIA GPUs). `w` is clamped at
+shared.W_MAX before exp(w): beyond it the decay exp(-exp(w)) is exactly 0.0 in float32 either way, and -inf (from
+exp(+100)) never appears.
 """
 import keras
 from keras import ops
@@ -31,7 +32,7 @@ CHUNK = 32
 
 def matmul(a, b, exact):
     """a @ b. exact: full float32 products. jax on an NVIDIA GPU would otherwise multiply float32 matrices in TF32
-    (~1e-3 relative error, measured on an H200: 2e-4 on y); torch keeps float32 unless the user allows TF32;
+    (10-bit mantissa: ~1e-3 relative error a product); torch keeps float32 unless the user allows TF32;
     tensorflow follows `tf.config.experimental.enable_tensor_float_32_execution` (README, FAQ)."""
     if exact and keras.backend.backend() == "jax":
         import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""The chunked backward (docs/math.md, "The backward pass").
+"""The backward chunk kernel: every gradient inside a chunk (docs/math.md, "The backward pass").
 
 One program per (batch row, head, sub-block J of C rows of a chunk of L tokens). Inputs: the state at the chunk's
 start (from the forward's scan) and the gradient of the state at its end dS (from the backward scan). The program

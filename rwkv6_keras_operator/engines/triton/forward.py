@@ -1,4 +1,4 @@
-"""The chunked forward output (docs/math.md, "Chunks" and "Sub-blocks").
+"""The forward chunk kernel: the outputs (docs/math.md, "Chunks" and "Sub-blocks").
 
 One program per (batch row, head, sub-block J of C rows of a chunk of L tokens, block of BV value channels). The
 scan stores the state at each chunk's start; a program moves it to its own sub-block's start S_J through the

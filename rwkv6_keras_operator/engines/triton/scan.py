@@ -1,7 +1,7 @@
 """The state scan across chunks (docs/math.md, "Chunks" and "The backward pass").
 
 Forward: S_{c+1} = diag(tot_c) S_c + sum_{s in c} (k_s * suf_s) v_s^T, from S_0 = s0 (or 0), chunk after chunk.
-    Stores the start state of chunks 1 .. NC-1 (what the output kernel and the backward read) and the final state.
+    Stores the start state of chunks 1 .. NC-1 (what the forward and backward kernels read) and the final state.
 Backward: dS_{c-1} = diag(tot_c) dS_c + sum_{t in c} (r_t * pre_t) dy_t^T, from dS = dstate (or 0) at the end of
     the last chunk back to the first. Stores dS at the end of every chunk, and the gradient of s0.
 

@@ -1,7 +1,8 @@
 """Launch settings of the Triton engine: frozen dataclasses, passed explicitly from `binding.wkv` down to every launch
 (as jax's Pallas ops pass their BlockSizes). `Settings()` is the default; a launch left None takes the rule below for
-the call's shapes (head size N, rows times heads B * H, chunks NC). The rules and their defaults were chosen on an
-H200 (benchmarks/RESULTS.md); `benchmarks/gpu_torch.py VARIANTS=1` times the alternatives.
+the call's shapes (head size N, rows times heads B * H, chunks NC). The rules and their defaults were chosen from
+timings (benchmarks/RESULTS.md, benchmarks/notes_triton.md); `benchmarks/gpu_torch.py VARIANTS=1` times the
+alternatives.
 """
 import dataclasses
 import functools

@@ -125,7 +125,7 @@ def test_extreme_decays():
 def test_segmented_scan(G):
     """The scan cut into G segments scanned at once (long sequences, few heads), combined and fixed up after:
     T = 300 is 10 chunks, so G = 3 gives segments of 4, 4 and 2 chunks. bfloat16: the stored chunk states are
-    bfloat16 (binding.states_dtype), fixed up in float32."""
+    bfloat16 (Precisions.states_dtype), fixed up in float32."""
     settings = Settings(segments=G)
     check(2, 300, 1, 16, "masks", n_state=3, state_map=[2, 0], settings=settings)
     check(1, 290, 1, 32, "strong", n_state=1, settings=settings)
