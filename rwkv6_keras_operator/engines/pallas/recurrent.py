@@ -16,7 +16,7 @@ from jax import lax
 from . import common
 
 
-def step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, s_ref, *, T, BV):
+def step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, s1_ref, *, T, BV):
     j, h, b = common.program_id(0), common.program_id(1), common.program_id(2)
     vcols = common.ds(j * BV, BV)
     u = common.load(u_ref.at[b, h, :])[:, None]
@@ -31,7 +31,7 @@ def step_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, s0_ref, y_ref, s_ref, *, T, B
         return d * S + kv
 
     S = lax.fori_loop(0, T, step, common.load(s0_ref.at[b, h, :, vcols]))
-    common.store(s_ref.at[b, h, :, vcols], S)
+    common.store(s1_ref.at[b, h, :, vcols], S)
 
 
 def launch_step(r, k, v, w, u, s0, settings):

@@ -13,28 +13,30 @@ from .common import exp, log_decay
 
 
 @triton.jit
-def step_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, s1_ptr, H, has_s0,
-                N: tl.constexpr, BV: tl.constexpr):
+def step_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, y_ptr, s1_ptr, H,
+                N: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr):
+    tl.static_assert(N % BV == 0, "the value block BV must divide the head size N")
     bh = tl.program_id(0)
     h = bh % H
-    i = tl.arange(0, N)
-    j = tl.program_id(1) * BV + tl.arange(0, BV)
-    off = bh.to(tl.int64) * N                      # (B, 1, H, N): row b, head h
-    r = tl.load(r_ptr + off + i).to(tl.float32)
-    k = tl.load(k_ptr + off + i).to(tl.float32)
-    v = tl.load(v_ptr + off + j).to(tl.float32)
-    d = exp(log_decay(tl.load(w_ptr + off + i)))
-    u = tl.load(u_ptr + h * N + i)
-    local = i[:, None] * N + j[None, :]
-    soffs = bh.to(tl.int64) * N * N + local
-    S = tl.load(s0_ptr + soffs, mask=local < has_s0 * N * N, other=0.0).to(tl.float32)
+    kcols = tl.arange(0, N)
+    vcols = tl.program_id(1) * BV + tl.arange(0, BV)
+    base = bh.to(tl.int64) * N                     # (B, 1, H, N): row b, head h
+    r = tl.load(r_ptr + base + kcols).to(tl.float32)
+    k = tl.load(k_ptr + base + kcols).to(tl.float32)
+    v = tl.load(v_ptr + base + vcols).to(tl.float32)
+    d = exp(log_decay(tl.load(w_ptr + base + kcols)))
+    u = tl.load(u_ptr + h * N + kcols)
+    state_offs = kcols[:, None] * N + vcols[None, :]
+    offs = bh.to(tl.int64) * N * N + state_offs
+    S = tl.zeros([N, BV], dtype=tl.float32)        # no start state: zeros
+    if HAS_S0:
+        S = tl.load(s0_ptr + offs).to(tl.float32)
     y = tl.sum(r[:, None] * S, 0) + tl.sum(r * u * k, 0) * v
-    tl.store(y_ptr + off + j, y.to(y_ptr.dtype.element_ty))
-    tl.store(s1_ptr + soffs, d[:, None] * S + k[:, None] * v[None, :])
+    tl.store(y_ptr + base + vcols, y.to(y_ptr.dtype.element_ty))
+    tl.store(s1_ptr + offs, d[:, None] * S + k[:, None] * v[None, :])
 
 
 def launch_step(r, k, v, w, u, s0, y, s1):
     B, T, H, N = r.shape
     BV = min(N, 16)
-    step_kernel[(B * H, N // BV)](r, k, v, w, u, s0 if s0 is not None else s1, y, s1, H, int(s0 is not None),
-                                  N=N, BV=BV, num_warps=2)
+    step_kernel[(B * H, N // BV)](r, k, v, w, u, s0, y, s1, H, N=N, BV=BV, HAS_S0=s0 is not None, num_warps=2)
