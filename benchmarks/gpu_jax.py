@@ -1,8 +1,9 @@
 """The Pallas engine on one GPU: correctness against the float64 oracle, then speed, with the peers measured in
 the same run (rwkv-ops 0.11.3's JAX CUDA kernel, and fla 0.6.0 chunk_rwkv6 from torch), each in its own process.
 
-On the GPU machine, from the repository root:
-    . .gpukit/setup_env.sh && python3 benchmarks/gpu_jax.py
+On the GPU machine, from the repository root (the peers installed by scripts/peers.sh; `bash scripts/gpu.sh bench`
+runs this with its environment):
+    eval "$(bash scripts/peers.sh env)" && python3 benchmarks/gpu_jax.py
     PEERS= SHAPES=train VARIANTS= python3 benchmarks/gpu_jax.py        # ours only, one shape, default config
 Env: SHAPES (train, long, decode; comma list), PEERS (triton = this project's torch engine via
      benchmarks/gpu_torch.py, rwkv_ops, fla; comma list, empty for none; default all three),
@@ -12,7 +13,7 @@ Env: SHAPES (train, long, decode; comma list), PEERS (triton = this project's to
      BUDGET (s for the whole script: peers are cut to it, variants skipped past it; they run last),
      SMOKE=1 (tiny shapes: a dry run of the script on CPU with RWKV6_PALLAS_INTERPRET=1).
 Writes $OUT/gpu_jax.json (OUT defaults to /tmp) and prints a table last. bf16 inputs, u float32, random data;
-times are medians of individually synchronised calls (as .gpukit/peers/peer_bench.py times rwkv-ops), and for
+times are medians of individually synchronised calls (as benchmarks/peers/measure.py times rwkv-ops), and for
 decode the mean over 200 back-to-back calls (a single call is shorter than a host round trip).
 """
 import functools
@@ -319,7 +320,7 @@ def peers(which, shapes):
            "SKIP_ACC": "1", "SHAPES": ",".join(PEER_SHAPES[s] for s in shapes if s != "decode"),
            # XLA's pool would leave the peer's own CUDA allocations no room (rwkv-ops at the long shape: OOM)
            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    script = os.path.join(ROOT, ".gpukit", "peers", "peer_bench.py")
+    script = os.path.join(ROOT, "benchmarks", "peers", "measure.py")
     for peer, part in (("rwkv_ops", "jax"), ("fla", "torch")):
         if peer not in which:
             continue

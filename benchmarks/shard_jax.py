@@ -2,7 +2,7 @@
 shard_map written by the user (batch, heads, or both), each compared with the unsharded call.
 
 On a machine with 2+ GPUs (the Pallas kernels compiled), from the repository root:
-    . .gpukit/setup_env.sh && python3 benchmarks/shard_jax.py
+    eval "$(bash scripts/peers.sh env)" && python3 benchmarks/shard_jax.py
 On CPU with virtual devices (the kernels in the Pallas interpreter; what the CI test runs, at SIZE=tiny):
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu RWKV6_PALLAS_INTERPRET=1 \
         python benchmarks/shard_jax.py
