@@ -1,8 +1,12 @@
 """RWKVKernelLayer: the operator as a Keras layer (functional models, mixed precision, saving)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
 import keras
 from keras import ops
 
-from .operator import RWKVKernelOperator
+from .operator import RWKVKernelOperator, TensorLike
 
 
 @keras.saving.register_keras_serializable(package="rwkv6_keras_operator")
@@ -31,7 +35,8 @@ class RWKVKernelLayer(keras.layers.Layer):
         **kwargs: Layer arguments (name, dtype policy, trainable, ...).
     """
 
-    def __init__(self, head_size, with_state=False, ops_loop=False, u_initializer="zeros", **kwargs):
+    def __init__(self, head_size: int, with_state: bool = False, ops_loop: bool = False,
+                 u_initializer: str | keras.initializers.Initializer = "zeros", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.operator = RWKVKernelOperator(head_size, ops_loop=ops_loop)
         self.head_size = head_size
@@ -50,28 +55,31 @@ class RWKVKernelLayer(keras.layers.Layer):
                              f"head_size ({self.head_size}).")
         return channels // self.head_size
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         self._input_shape = tuple(input_shape)
         heads = self._heads(input_shape)
         self.u = self.add_weight(shape=(heads, self.head_size), initializer=self.u_initializer, dtype="float32",
                                  autocast=False, name="u")
 
-    def get_build_config(self):
+    def get_build_config(self) -> dict[str, Any]:
         return {"input_shape": self._input_shape} if self._input_shape is not None else {}
 
-    def call(self, r, k, v, w, init_state=None, state_map=None):
+    def call(self, r: TensorLike, k: TensorLike, v: TensorLike, w: TensorLike, init_state: TensorLike | None = None,
+             state_map: TensorLike | Sequence[int] | None = None) -> TensorLike | tuple[TensorLike, TensorLike]:
         r, k, v, w = (ops.cast(x, self.compute_dtype) for x in (r, k, v, w))
         y, state = self.operator(r, k, v, w, self.u, with_state=self.with_state, init_state=init_state,
                                  state_map=state_map)
         return (y, state) if self.with_state else y
 
-    def compute_output_spec(self, r, k, v, w, init_state=None, state_map=None):
+    def compute_output_spec(self, r: keras.KerasTensor, k: keras.KerasTensor, v: keras.KerasTensor,
+                            w: keras.KerasTensor, init_state: keras.KerasTensor | None = None,
+                            state_map: Any = None) -> keras.KerasTensor | tuple[keras.KerasTensor, keras.KerasTensor]:
         y = keras.KerasTensor(r.shape, dtype=self.compute_dtype)
         if not self.with_state:
             return y
         heads = self._heads(r.shape)
         return y, keras.KerasTensor((r.shape[0], heads, self.head_size, self.head_size), dtype="float32")
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "head_size": self.head_size, "with_state": self.with_state,
                 "ops_loop": self.ops_loop, "u_initializer": keras.initializers.serialize(self.u_initializer)}

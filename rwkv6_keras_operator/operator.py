@@ -1,8 +1,14 @@
 """The public operator: RWKVKernelOperator(head_size, max_sequence_length, ops_loop=False)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
 from keras import ops
 
 from . import engines
 from .arguments import prepare, reshape
+
+TensorLike = Any   # a tensor of the active backend, a NumPy array, or a KerasTensor inside a functional model
 
 
 class RWKVKernelOperator:
@@ -31,20 +37,22 @@ class RWKVKernelOperator:
     The object holds no mutable state: one instance may be called from several threads.
     """
 
-    def __init__(self, head_size, max_sequence_length=None, ops_loop=False):
+    def __init__(self, head_size: int, max_sequence_length: int | None = None, ops_loop: bool = False) -> None:
         if not isinstance(head_size, int) or isinstance(head_size, bool) or head_size < 1:
             raise ValueError(f"`head_size` must be a positive int; got {head_size!r}.")
         self.head_size = head_size
         self.max_sequence_length = max_sequence_length
         self.ops_loop = bool(ops_loop)
 
-    def __call__(self, r, k, v, w, u, with_state=False, init_state=None, state_map=None):
+    def __call__(self, r: TensorLike, k: TensorLike, v: TensorLike, w: TensorLike, u: TensorLike,
+                 with_state: bool = False, init_state: TensorLike | None = None,
+                 state_map: TensorLike | Sequence[int] | None = None) -> tuple[TensorLike, TensorLike | None]:
         args = prepare(self.head_size, r, k, v, w, u, init_state, state_map)
         engine = engines.select(args.r, self.head_size, self.ops_loop)
         y, state = engine.wkv(args.r, args.k, args.v, args.w, args.u, args.s0)
         y = reshape(y, ops.shape(r) if args.shape[0] is None or args.shape[1] is None else args.shape)
         return y, (state if with_state else None)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"RWKVKernelOperator(head_size={self.head_size}, "
                 f"max_sequence_length={self.max_sequence_length}, ops_loop={self.ops_loop})")

@@ -25,12 +25,14 @@ trap 'tar -czf "$OUT/results.tgz" -C "$LOGS" . && cp "$LOGS"/*.log "$OUT"/ 2>/de
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 writable() { mkdir -p "$1" 2>/dev/null && touch "$1/.writable" 2>/dev/null && rm -f "$1/.writable"; }
-if ! writable "${TRITON_CACHE_DIR:-${HOME:-/nonexistent}/.triton/cache}" || ! writable "${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}"; then
+home=${HOME:-/nonexistent}
+if ! writable "${TRITON_CACHE_DIR:-$home/.triton/cache}" || ! writable "${XDG_CACHE_HOME:-$home/.cache}"; then
   export HOME=/tmp/home TRITON_CACHE_DIR=/tmp/triton-cache TORCH_EXTENSIONS_DIR=/tmp/torch-ext XDG_CACHE_HOME=/tmp/xdg
   mkdir -p "$HOME" "$TRITON_CACHE_DIR" "$TORCH_EXTENSIONS_DIR" "$XDG_CACHE_HOME"
   echo "caches moved to /tmp (the default ones are not writable)"
 fi
-bash scripts/peers.sh install || echo "WARNING: scripts/peers.sh install failed: no peers (run scripts/peers.sh download where PyPI is reachable)"
+bash scripts/peers.sh install ||
+  echo "WARNING: scripts/peers.sh install failed: no peers (bash scripts/peers.sh download, where PyPI is reachable)"
 eval "$(bash scripts/peers.sh env)"
 CACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 mkdir -p "$CACHE"

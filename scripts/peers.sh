@@ -45,7 +45,7 @@ install() {  # install GROUP SPECS...: from the downloaded wheels if there are a
   rm -rf "$target"
   "$PY" -m pip install -q --no-deps --no-compile --no-cache-dir --target "$target" "${source[@]}"
   echo "${source[*]}" > "$stamp"
-  echo "peers.sh: installed into $target: $(cd "$target" && ls -d ./*.dist-info | sed 's/.dist-info//; s|./||' | tr '\n' ' ')"
+  echo "peers.sh: installed into $target:" "$(cd "$target" && ls -d -- *.dist-info | sed 's/.dist-info$//' | paste -sd ' ')"
 }
 
 case ${1:-} in

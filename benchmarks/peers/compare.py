@@ -6,7 +6,8 @@ Each case runs benchmarks/peers/measure.py in its own process: this project (the
 its operator, i.e. the Triton engine under torch and the Pallas engine under jax), fla, rwkv-ops and 1.0.5 (the
 peers' directory first: 1.0.5 shares this project's import name, and aborts a process that also loads rwkv-ops).
 Env: CASES (comma list of names in CASES; default all), SHAPES (as measure.py), CASE_TIMEOUT (s, default 900),
-BUDGET (s for the whole script: each case is cut to what is left; a case stopped keeps what it measured), OUT (default /tmp): each case's log and peer_results.jsonl under $OUT/compare/NAME/, all records in
+BUDGET (s for the whole script: each case is cut to what is left; a case stopped keeps what it measured),
+OUT (default /tmp): each case's log and peer_results.jsonl under $OUT/compare/NAME/, all records in
 $OUT/compare.json. bf16 inputs; torch timed by triton.testing.do_bench (median), jax as the median of calls each
 followed by a synchronisation (as jax users call it; jax's dispatch and the host round trip included).
 """

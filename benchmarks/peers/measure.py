@@ -135,7 +135,8 @@ def torch_speed(peers, dev):
 
         r, k, v = mk(), mk(), mk()
         w = mk(1.0, -1.0)
-        u = (torch.randn(C, device=dev, generator=g) * 0.5).to(torch.bfloat16).view(H, N)  # 1.0.5's backward needs (H, N)
+        # u as (H, N): 1.0.5 takes (C,) forward but its backward fails on it
+        u = (torch.randn(C, device=dev, generator=g) * 0.5).to(torch.bfloat16).view(H, N)
         dy = torch.randn(B, T, C, device=dev, generator=g).to(torch.bfloat16)
         for name, fn in peers.items():
             try:
