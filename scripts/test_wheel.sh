@@ -18,7 +18,13 @@ fail() { echo "test_wheel.sh: FAIL: $*" >&2; exit 1; }
 echo "== building the sdist and the wheel"
 [ -x "$BUILD_VENV/bin/python" ] || "$PYTHON" -m venv "$BUILD_VENV" || fail "venv $BUILD_VENV"
 "$BUILD_VENV/bin/python" -m pip install -q build || fail "pip install build"
-"$BUILD_VENV/bin/python" -m build -q --outdir "$WORK/dist" . >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; fail "python -m build"; }
+# from a copy of the files git tracks or would (no build leftovers: a stale *.egg-info/SOURCES.txt would put files
+# into the sdist that the configuration leaves out)
+mkdir "$WORK/src" && git ls-files -z --cached --others --exclude-standard |
+  while IFS= read -r -d '' f; do [ ! -e "$f" ] || printf '%s\0' "$f"; done | xargs -0 cp --parents -t "$WORK/src" \
+  || fail "copy of the sources"
+"$BUILD_VENV/bin/python" -m build -q --outdir "$WORK/dist" "$WORK/src" >"$WORK/build.log" 2>&1 \
+  || { tail -30 "$WORK/build.log"; fail "python -m build"; }
 wheel=$(ls "$WORK"/dist/*.whl) && sdist=$(ls "$WORK"/dist/*.tar.gz) || fail "no wheel or sdist built"
 echo "$(basename "$sdist") $(basename "$wheel")"
 listing=$(unzip -Z1 "$wheel") || fail "unzip $wheel"
