@@ -27,11 +27,18 @@ mkdir "$WORK/src" && git ls-files -z --cached --others --exclude-standard |
   || { tail -30 "$WORK/build.log"; fail "python -m build"; }
 wheel=$(ls "$WORK"/dist/*.whl) && sdist=$(ls "$WORK"/dist/*.tar.gz) || fail "no wheel or sdist built"
 echo "$(basename "$sdist") $(basename "$wheel")"
-listing=$(unzip -Z1 "$wheel") || fail "unzip $wheel"
+# the wheel's file list, then its entry points
+listing=$("$PYTHON" - "$wheel" <<'EOF'
+import sys, zipfile
+wheel = zipfile.ZipFile(sys.argv[1])
+print("\n".join(wheel.namelist()))
+print(*(wheel.read(n).decode() for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")), sep="\n")
+EOF
+) || fail "reading $wheel"
 for f in rwkv6_keras_operator/demo/corpus.txt rwkv6_keras_operator/py.typed LICENSE; do   # what a user needs
   grep -qx "\(.*\.dist-info/licenses/\)\?$f" <<<"$listing" || fail "$f is not in the wheel"
 done
-grep -qx 'rwkv6-keras-operator = rwkv6_keras_operator.cli:main' <<<"$(unzip -p "$wheel" '*.dist-info/entry_points.txt')" \
+grep -qx 'rwkv6-keras-operator = rwkv6_keras_operator.cli:main' <<<"$listing" \
   || fail "no console script rwkv6-keras-operator in the wheel"
 
 echo "== installing the wheel with jax (CPU) into a fresh $VENV ($((SECONDS - start))s so far)"
@@ -51,8 +58,7 @@ case $location in
 esac
 "$VENV/bin/python" -m rwkv6_keras_operator --version || fail "python -m rwkv6_keras_operator"
 echo "== rwkv6-keras-operator check, the installed console script ($((SECONDS - start))s so far)"
-"$VENV/bin/rwkv6-keras-operator" check --backends jax --seed 0 | tail -n 6
-[ "${PIPESTATUS[0]}" -eq 0 ] || fail "rwkv6-keras-operator check"
+"$VENV/bin/rwkv6-keras-operator" check --backends jax --seed 0 || fail "rwkv6-keras-operator check"
 echo "== tests against the installed wheel ($((SECONDS - start))s so far)"
 # the shipped corpus (package data) and a model saved and loaded through the registered layer
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider --disable-warnings tests/test_layer.py tests/demo/test_demo.py \
