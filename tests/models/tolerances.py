@@ -8,6 +8,7 @@ BF16_LOGITS = 2e-2
 
 
 def to_numpy(x):
+    x = getattr(x, "value", x)  # a Keras variable: its tensor
     return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")), np.float64)
 
 
