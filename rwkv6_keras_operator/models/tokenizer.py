@@ -72,22 +72,35 @@ class WorldTokenizer:
             raise TypeError(f"`text` must be a str; got {type(text).__name__} (use encode_bytes for bytes).")
         return self.encode_bytes(text.encode("utf-8"))
 
-    def decode_bytes(self, ids):
-        try:
-            return b"".join(self._bytes[int(i)] for i in ids)
-        except KeyError as error:
-            raise ValueError(f"token id {error.args[0]} is not in the vocabulary (ids 0 to "
-                             f"{self.vocab_size - 1}).") from None
+    def decode_bytes(self, ids, errors="strict"):
+        """token ids -> bytes. An id that is not in the vocabulary raises (errors="strict") or becomes U+FFFD
+        (errors="replace"; models have a few more rows than the vocabulary has entries, e.g. 65536)."""
+        pieces = []
+        for i in ids:
+            piece = self._bytes.get(int(i))
+            if piece is None:
+                if errors != "replace":
+                    raise ValueError(f"token id {int(i)} is not in the vocabulary (ids 0 to "
+                                     f"{self.vocab_size - 1}).")
+                piece = "\ufffd".encode("utf-8")
+            pieces.append(piece)
+        return b"".join(pieces)
 
     def decode(self, ids, errors="replace"):
-        """token ids -> str; bytes that are not valid UTF-8 (a character cut between tokens) become U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+        """token ids -> str; bytes that are not valid UTF-8 (a character cut between tokens) and, with
+        errors="replace", ids that are not in the vocabulary become U+FFFD."""
+        return self.decode_bytes(ids, errors=errors).decode("utf-8", errors=errors)
 
     def stream_decoder(self):
         """A function ids -> the text they complete: for printing tokens as they come (a character whose bytes
-        span several tokens appears once all of them are there)."""
+        span several tokens appears once all of them are there; unknown ids and invalid bytes give U+FFFD)."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return lambda ids: decoder.decode(self.decode_bytes(ids))
+
+        def feed(ids, final=False):
+            """The text that `ids` complete; final=True also flushes an incomplete character (as U+FFFD)."""
+            return decoder.decode(self.decode_bytes(ids, errors="replace"), final=final)
+
+        return feed
 
     def __len__(self):
         return len(self._bytes)

@@ -72,6 +72,8 @@ def test_stream_decoder_joins_characters_cut_between_tokens(tokenizer):
 
 def test_errors(tokenizer):
     with pytest.raises(ValueError, match="not in the vocabulary"):
-        tokenizer.decode([70000])
+        tokenizer.decode([70000], errors="strict")
+    h = tokenizer.encode("H")
+    assert tokenizer.decode(h + [65533] + h) == "H\ufffdH"             # 65533: a model row, no vocabulary entry
     with pytest.raises(TypeError, match="must be a str"):
         tokenizer.encode(b"bytes")
