@@ -74,8 +74,11 @@ class TimeMix(_Sublayer):
         # float32 whatever the policy, as the operator uses them
         self.time_faaaa = self.add_weight(shape=(H, N), initializer="zeros", dtype="float32", autocast=False,
                                           name="time_faaaa")
+        # Created trainable (TensorFlow's tape watches only variables created so), then left out of training
+        # until RWKV6.set_trainable(start_states=True) asks for it.
         self.time_state = self.add_weight(shape=(H, N, N), initializer="zeros", dtype="float32", autocast=False,
-                                          trainable=False, name="time_state")
+                                          name="time_state")
+        self.time_state.trainable = False
         self.ln_x_weight = self.vector("ln_x_weight", initializer="ones")
         self.ln_x_bias = self.vector("ln_x_bias")
         for dense in (self.receptance, self.key, self.value, self.gate, self.output_proj):
