@@ -1,5 +1,10 @@
 """Checkpoints with random weights in the official layout, and the official runtime's outputs on them (computed
-once per test session in a subprocess, see official.py)."""
+once per test session in a subprocess, see official.py). The official runtime is the `rwkv` pip package
+(scripts/test.sh installs it); where it is missing, the tests that need it are skipped, saying so."""
+import contextlib
+import importlib.util
+
+import keras
 import numpy as np
 import pytest
 
@@ -30,7 +35,8 @@ class Case:
         self.name, self.config, self.time_state = name, config, time_state
         self.weights = random_weights(config, seed=len(name), time_state=time_state)
         self.pth = write_checkpoint(str(directory / f"{name}.pth"), self.weights)
-        self.safetensors = write_checkpoint(str(directory / f"{name}.safetensors"), self.weights)
+        self.safetensors = (write_checkpoint(str(directory / f"{name}.safetensors"), self.weights)
+                            if importlib.util.find_spec("safetensors") else None)
         rng = np.random.default_rng(7)
         self.tokens = rng.integers(0, config.vocab_size, (ROWS, sum(CALL_LENGTHS)), dtype=np.int32)
         bounds = np.cumsum((0,) + CALL_LENGTHS)
@@ -55,9 +61,45 @@ class Case:
         return whole, calls, states
 
 
+def needs_official_runtime():
+    if importlib.util.find_spec("rwkv") is None:
+        pytest.skip("the official runtime is not installed: pip install rwkv (scripts/test.sh does)")
+
+
+def needs_safetensors():
+    if importlib.util.find_spec("safetensors") is None:
+        pytest.skip("safetensors is not installed: pip install safetensors (scripts/test.sh does)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def float32_matmuls():
+    """Full float32 matrix products (GPUs default to TF32 under jax and tensorflow): the parity tolerance is a
+    float32 one. No effect on CPUs."""
+    backend = keras.backend.backend()
+    with contextlib.ExitStack() as stack:
+        if backend == "jax":
+            import jax
+
+            stack.enter_context(jax.default_matmul_precision("highest"))
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            was = tf.config.experimental.tensor_float_32_execution_enabled()
+            tf.config.experimental.enable_tensor_float_32_execution(False)
+            stack.callback(tf.config.experimental.enable_tensor_float_32_execution, was)
+        elif backend == "torch":
+            import torch
+
+            was = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            stack.callback(setattr, torch.backends.cuda.matmul, "allow_tf32", was)
+        yield
+
+
 @pytest.fixture(scope="session")
 def cases(tmp_path_factory):
     """{name: Case} with `.expected` = the official outputs, for every configuration in CONFIGS."""
+    needs_official_runtime()
     directory = tmp_path_factory.mktemp("rwkv6_checkpoints")
     built = {name: Case(name, config, time_state, directory) for name, (config, time_state) in CONFIGS.items()}
     results = run_official([case.jobs() for case in built.values()], str(directory))
@@ -74,4 +116,5 @@ def case(request, cases):
 @pytest.fixture
 def official(tmp_path):
     """official(jobs) -> the official runtime's results (see official.run_official)."""
+    needs_official_runtime()
     return lambda jobs: run_official(jobs, str(tmp_path))

@@ -8,7 +8,7 @@ import pytest
 from rwkv6_keras_operator.models import CheckpointError, RWKV6, read_checkpoint, write_checkpoint
 from rwkv6_keras_operator.models.checkpoint import random_weights
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, needs_safetensors
 from .tolerances import FP32, rel_err, to_numpy
 
 
@@ -35,6 +35,8 @@ def test_save_checkpoint_loads_in_the_official_runtime(cases, official, tmp_path
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_file_round_trip(cases, tmp_path, suffix):
+    if suffix == ".safetensors":
+        needs_safetensors()
     case = cases["c128_h32_state"]
     model = RWKV6.from_checkpoint(case.pth)
     path = model.save_checkpoint(str(tmp_path / f"copy{suffix}"))
@@ -62,12 +64,14 @@ V4_KEYS = ["emb.weight", "blocks.0.att.time_mix_k", "blocks.0.att.time_decay", "
 
 @pytest.mark.parametrize("keys, version", [(V7_KEYS, "RWKV-7"), (V5_KEYS, "RWKV-5"), (V4_KEYS, "RWKV-4")])
 def test_other_rwkv_versions(tmp_path, keys, version):
+    needs_safetensors()
     path = write_checkpoint(str(tmp_path / "other.safetensors"), {k: np.zeros((4, 4), np.float32) for k in keys})
     with pytest.raises(CheckpointError, match=f"{version} checkpoint"):
         RWKV6.from_checkpoint(path)
 
 
 def test_missing_unexpected_and_misshaped_keys_in_one_error(tmp_path):
+    needs_safetensors()
     config, _ = CONFIGS["c64_h16"]
     weights = random_weights(config)
     del weights["blocks.1.att.gate.weight"], weights["ln_out.bias"]
@@ -85,6 +89,7 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error(tmp_path):
 
 
 def test_time_state_on_some_layers_only(tmp_path):
+    needs_safetensors()
     config, _ = CONFIGS["c64_h16"]
     weights = random_weights(config, time_state=True)
     del weights["blocks.0.att.time_state"]
@@ -111,6 +116,7 @@ def test_pth_without_torch_is_a_clear_error(cases, monkeypatch):
 
 
 def test_safetensors_without_the_package_is_a_clear_error(cases, monkeypatch):
+    needs_safetensors()
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
     with pytest.raises(ImportError, match="pip install safetensors"):

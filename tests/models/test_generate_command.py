@@ -7,12 +7,15 @@ from rwkv6_keras_operator.models import RWKV6, RWKV6Config
 from rwkv6_keras_operator.models.checkpoint import random_weights, write_checkpoint
 from rwkv6_keras_operator.models.tokenizer import WorldTokenizer
 
+from .conftest import needs_safetensors
+
 # The World vocabulary's size (65,536 rows, as the released models): any prompt's ids fit.
 WORLD = RWKV6Config(vocab_size=65536, n_embd=32, n_layer=1, head_size=16, dim_ffn=64, mix_lora=2, decay_lora=4)
 
 
 @pytest.fixture(scope="module")
 def world_checkpoint(tmp_path_factory):
+    needs_safetensors()
     path = tmp_path_factory.mktemp("world") / "tiny_world.safetensors"
     return write_checkpoint(str(path), random_weights(WORLD, seed=1))
 

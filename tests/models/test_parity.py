@@ -5,7 +5,7 @@ import pytest
 
 from rwkv6_keras_operator.models import RWKV6
 
-from .conftest import CALL_LENGTHS
+from .conftest import CALL_LENGTHS, needs_safetensors
 from .tolerances import FP32, BF16_LOGITS, rel_err, to_numpy
 
 
@@ -42,6 +42,7 @@ def test_explicit_initial_state_is_the_default(case, model):
 
 
 def test_safetensors_loads_the_same_model(case, model):
+    needs_safetensors()
     other = RWKV6.from_checkpoint(case.safetensors)
     for (key, (a, _)), (_, (b, _)) in zip(model.checkpoint_variables().items(),
                                           other.checkpoint_variables().items()):
