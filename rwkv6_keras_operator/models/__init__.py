@@ -9,5 +9,6 @@ generation, fine-tuning and state tuning, with the WKV through RWKVKernelOperato
 """
 from .checkpoint import CheckpointError, RWKV6Config, read_checkpoint, write_checkpoint
 from .rwkv6 import RWKV6
+from .tokenizer import WorldTokenizer
 
-__all__ = ["CheckpointError", "RWKV6", "RWKV6Config", "read_checkpoint", "write_checkpoint"]
+__all__ = ["CheckpointError", "RWKV6", "RWKV6Config", "WorldTokenizer", "read_checkpoint", "write_checkpoint"]
