@@ -51,6 +51,17 @@ def test_file_round_trip(cases, tmp_path, suffix):
         np.testing.assert_array_equal(half[key], value.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=key)
 
 
+def test_keras_model_file_round_trip(cases, tmp_path):
+    import keras
+
+    case = cases["c128_h64_state"]
+    model = RWKV6.from_checkpoint(case.pth)
+    model.save(str(tmp_path / "model.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "model.keras"))
+    assert isinstance(loaded, RWKV6) and loaded.config == model.config
+    np.testing.assert_array_equal(to_numpy(loaded(case.tokens)), to_numpy(model(case.tokens)))
+
+
 def test_path_without_suffix(cases):
     case = cases["c64_h16"]
     assert RWKV6.from_checkpoint(case.pth[:-len(".pth")]).config == case.config

@@ -88,8 +88,11 @@ def test_gradients_reach_every_weight_and_the_start_states():
         assert abs(numeric - np.linalg.norm(grad)) <= 1e-2 * np.linalg.norm(grad), (name, numeric, grad)
 
 
-def test_fit_lowers_the_loss():
-    model = tiny_model()
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_fit_lowers_the_loss(dtype):
+    if dtype != "float32" and keras.backend.backend() != "jax":
+        pytest.skip("the mixed_bfloat16 policy is tested under jax only on CPU (one compile is enough)")
+    model = tiny_model(dtype=dtype)
     model.compile(optimizer=keras.optimizers.AdamW(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(
         from_logits=True))
     tokens, targets = repeating_data(8, 20)
@@ -97,19 +100,8 @@ def test_fit_lowers_the_loss():
     model.fit(tokens, targets, batch_size=4, epochs=6, verbose=0)
     after = model.evaluate(tokens, targets, verbose=0)
     assert after < 0.8 * before, (before, after)
-
-
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="one backend is enough for the bf16 policy on CPU")
-def test_fit_mixed_bfloat16():
-    model = tiny_model(dtype="mixed_bfloat16")
-    model.compile(optimizer=keras.optimizers.AdamW(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True))
-    tokens, targets = repeating_data(8, 20)
-    before = model.evaluate(tokens, targets, verbose=0)
-    model.fit(tokens, targets, batch_size=4, epochs=6, verbose=0)
-    after = model.evaluate(tokens, targets, verbose=0)
-    assert model.blocks[0].att.key.kernel.dtype == "float32" and model(tokens).dtype == "float32"
-    assert after < 0.8 * before, (before, after)
+    assert model.blocks[0].att.key.kernel.dtype == "float32"
+    assert keras.backend.standardize_dtype(model(tokens).dtype) == "float32"
 
 
 def test_state_tuning_trains_only_the_start_states_and_exports_them(tmp_path, official):
