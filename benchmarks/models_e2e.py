@@ -12,7 +12,8 @@ and writes $OUT/models_e2e.json and $OUT/models_e2e.md (OUT defaults to /tmp).
 Training: the "169M" configuration (12 layers, width 768, head 64, vocabulary 65536), B=8, T=4096, mixed_bfloat16,
 AdamW, Keras' train_on_batch (jax: jit-compiled; torch: eager); tokens/s, peak GPU memory, and the share of a
 step spent in the WKV (the WKV alone, forward + backward at the step's shape, times the layers, over the step).
-Generation: prefill 1024 tokens, then 256 new ones (greedy, host-side sampling as model.generate does), batch 1
+The same data, weights and steps in every case: the losses after the steps agree (to bfloat16 noise) when the
+WKVs do. Generation: prefill 1024 tokens, then 256 new ones (greedy, host-side sampling as model.generate does), batch 1
 and 64; tokens/s of the decode, and its time per token split into the WKV (the WKV alone, T = 1 with the state
 in and out, times the layers) and the rest.
 """
@@ -279,14 +280,14 @@ def run_case(args):
 # ---------------------------------------------------------------- the driver: every case, one process each
 
 def markdown(results):
-    lines = ["| backend | WKV | tokens/s | step (ms) | peak memory (GB) | WKV share of the step |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| backend | WKV | tokens/s | step (ms) | peak memory (GB) | WKV share of the step | loss after the steps |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         t = r.get("training")
         if t:
             memory = "" if t["peak_memory_gb"] is None else f"{t['peak_memory_gb']:.1f}"
             lines.append(f"| {r['backend']} | {r['wkv']} | {t['tokens_per_s']:,.0f} | {t['step_ms']:.1f} | {memory} | "
-                         f"{t['wkv_share_of_step']:.1%} |")
+                         f"{t['wkv_share_of_step']:.1%} | {t['loss']:.4f} |")
     lines += ["", "| backend | batch | prefill (ms) | prefill tokens/s | decode tokens/s | ms/token | "
               "WKV ms/token | rest ms/token |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
