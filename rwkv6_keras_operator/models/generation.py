@@ -52,9 +52,8 @@ def _compile(model):
 
 def _prompts(prompt_tokens):
     """(list of 1-D int arrays, whether one prompt was given as a flat sequence)."""
-    if isinstance(prompt_tokens, np.ndarray) or hasattr(prompt_tokens, "shape"):
-        array = np.asarray(ops.convert_to_numpy(prompt_tokens) if not isinstance(prompt_tokens, np.ndarray)
-                           else prompt_tokens)
+    if hasattr(prompt_tokens, "shape"):                      # a NumPy array or a backend tensor
+        array = prompt_tokens if isinstance(prompt_tokens, np.ndarray) else ops.convert_to_numpy(prompt_tokens)
         if array.ndim == 1:
             return [array], True
         if array.ndim == 2:
