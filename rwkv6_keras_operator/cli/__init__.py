@@ -11,6 +11,7 @@ COMMANDS = {
     "check": "rwkv6_keras_operator.cli.check",
     "demo": "rwkv6_keras_operator.cli.demo",
     "bench": "rwkv6_keras_operator.cli.bench",
+    "generate": "rwkv6_keras_operator.cli.generate",
 }
 
 
