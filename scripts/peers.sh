@@ -7,8 +7,9 @@
 #                                        # no wheels there, straight from PyPI), into isolated target folders
 #   eval "$(bash scripts/peers.sh env)"  # this shell: keras on PYTHONPATH if it was installed, PEER_PYTHONPATH
 #
-# - .peers/keras: keras 3.15.1, namex, optree; installed only if this python3 cannot import keras. Its other
-#   dependencies (numpy, absl-py, rich, h5py, ml-dtypes, packaging) are expected on the machine.
+# - .peers/keras: keras 3.15.1, namex, optree, and the model tests' oracle and reader (rwkv 0.8.32, safetensors);
+#   installed only if this python3 cannot import keras or rwkv. Keras's other dependencies (numpy, absl-py, rich,
+#   h5py, ml-dtypes, packaging) are expected on the machine.
 # - .peers/site: fla-core 0.6.0, rwkv6-keras-operator 1.0.5 and rwkv-ops 0.11.3, OFF the default import path:
 #   1.0.5 has this project's import name. The benchmarks put it first on the path of the peers' own processes
 #   only (PEER_PYTHONPATH). 1.0.5 and rwkv-ops abort a process that loads both: one of them a process.
@@ -17,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${PEERS_DIR:-$PWD/.peers}
-KERAS=(keras==3.15.1 namex==0.1.0 optree==0.20.0)
+KERAS=(keras==3.15.1 namex==0.1.0 optree==0.20.0 rwkv==0.8.32 safetensors==0.8.0)
 PEERS=(fla-core==0.6.0 rwkv6-keras-operator==1.0.5 rwkv-ops==0.11.3)
 PY=${PYTHON:-python3}
 export PIP_ROOT_USER_ACTION=ignore
@@ -55,8 +56,8 @@ case ${1:-} in
     du -sh "$DIR/wheels"
     echo "peers.sh: next, on the GPU machine (with .peers/wheels carried there): bash scripts/peers.sh install" ;;
   install)
-    if "$PY" -c "import keras" 2>/dev/null && [ ! -d "$DIR/keras" ]; then
-      echo "peers.sh: keras is importable here; not installing it"
+    if "$PY" -c "import keras, rwkv, safetensors" 2>/dev/null && [ ! -d "$DIR/keras" ]; then
+      echo "peers.sh: keras, rwkv and safetensors are importable here; not installing them"
     else
       install keras "${KERAS[@]}"
     fi
