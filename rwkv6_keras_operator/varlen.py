@@ -5,10 +5,18 @@ the T tokens of the one batch row hold n independent sequences, cu_seqlens[i]:cu
 allowed). Its length and the sequence length T must be known while tracing (they bound the computation); its
 values are checked whenever they are known, i.e. outside jax.jit, tf.function, torch.compile and graph capture.
 """
+import keras
 import numpy as np
 from keras import ops
 
-from .arguments import _dtype, _values
+from . import arguments
+
+
+def _known_values(x):
+    """NumPy values of backend tensor x, or None while tracing: the argument module's reader (named known_values
+    or _values, depending on whether the serving branch's arguments.py is in)."""
+    reader = getattr(arguments, "known_values", None) or getattr(arguments, "_values")
+    return reader(x)
 
 
 def check_cu_seqlens(cu_seqlens, shape):
@@ -20,8 +28,9 @@ def check_cu_seqlens(cu_seqlens, shape):
         values = cu_seqlens
     else:
         cu_seqlens = ops.convert_to_tensor(cu_seqlens)
-        if "int" not in _dtype(cu_seqlens):
-            raise TypeError(f"`cu_seqlens` must hold integers; got dtype {_dtype(cu_seqlens)}.")
+        dtype = keras.backend.standardize_dtype(cu_seqlens.dtype)
+        if "int" not in dtype:
+            raise TypeError(f"`cu_seqlens` must hold integers; got dtype {dtype}.")
         values = None
     B, T, _ = shape
     if len(cu_seqlens.shape) != 1 or cu_seqlens.shape[0] is None or cu_seqlens.shape[0] < 2:
@@ -32,7 +41,7 @@ def check_cu_seqlens(cu_seqlens, shape):
     if T is None:
         raise ValueError("`cu_seqlens` needs a sequence length known while tracing; got an unknown time dimension.")
     if values is None:
-        values = _values(cu_seqlens)
+        values = _known_values(cu_seqlens)
     if values is not None:
         values = np.asarray(values)
         if values[0] != 0 or values[-1] != T:
