@@ -2,7 +2,7 @@
 from keras import ops
 
 from . import engines
-from .arguments import prepare, reshape
+from .arguments import apply, convert, plan, reshape
 
 
 class RWKVKernelOperator:
@@ -39,10 +39,17 @@ class RWKVKernelOperator:
         self.ops_loop = bool(ops_loop)
 
     def __call__(self, r, k, v, w, u, with_state=False, init_state=None, state_map=None):
-        args = prepare(self.head_size, r, k, v, w, u, init_state, state_map)
-        engine = engines.select(args.r, self.head_size, self.ops_loop)
-        y, state = engine.wkv(args.r, args.k, args.v, args.w, args.u, args.s0)
-        y = reshape(y, ops.shape(r) if args.shape[0] is None or args.shape[1] is None else args.shape)
+        r, k, v, w, u, init_state, state_map = convert(r, k, v, w, u, init_state, state_map)
+        p = plan(self.head_size, r, k, v, w, u, init_state, state_map)
+        engine = engines.select(r, self.head_size, self.ops_loop)
+        decode = getattr(engine, "decode", None) if p.shape[1] == 1 else None
+        if decode is not None:   # one token: an engine that takes (B, 1, C) as it is (no reshapes)
+            a = apply(p, r, k, v, w, u, init_state, state_map, split_heads=False)
+            y, state = decode(a.r, a.k, a.v, a.w, a.u, a.s0)
+        else:
+            a = apply(p, r, k, v, w, u, init_state, state_map)
+            y, state = engine.wkv(a.r, a.k, a.v, a.w, a.u, a.s0)
+            y = reshape(y, ops.shape(r) if p.shape[0] is None or p.shape[1] is None else p.shape)
         return y, (state if with_state else None)
 
     def __repr__(self):

@@ -6,6 +6,7 @@ without a CUDA device the operator never picks this engine (is_available() is Fa
 kernels on CPU tensors under TRITON_INTERPRET=1 by calling `wkv` directly.
 """
 import importlib.util
+import sys
 import warnings
 
 NAME = "triton"
@@ -47,7 +48,17 @@ def supports(r, head_size):
     return True
 
 
-def wkv(r, k, v, w, u, s0):
-    from .binding import wkv as _wkv
+def _binding():
+    # A dict lookup on the hot path (an import statement costs a microsecond a call); torch.compile traces it.
+    module = sys.modules.get(f"{__name__}.binding")
+    if module is None:
+        from . import binding as module
+    return module
 
-    return _wkv(r, k, v, w, u, s0)
+
+def wkv(r, k, v, w, u, s0):
+    return _binding().wkv(r, k, v, w, u, s0)
+
+
+def decode(r, k, v, w, u, s0):
+    return _binding().decode(r, k, v, w, u, s0)
