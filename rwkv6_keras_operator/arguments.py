@@ -57,7 +57,7 @@ _MAX_PLANS = 1024   # distinct signatures kept (a training loop over many length
 _DTYPE_NAMES = {}
 
 
-def _dtype(x):
+def dtype_name(x):
     """The dtype's Keras name ("float32", ...); memoised: standardize_dtype costs ~2 us, and a call needs ten."""
     name = _DTYPE_NAMES.get(x.dtype)
     if name is None:
@@ -85,7 +85,7 @@ _TORCH_TENSOR = _torch_tensor_type()   # the backend is fixed once keras is impo
 _TORCH_ON_CPU = _keras_device_type() == "cpu"
 
 
-def _own_method(x):
+def is_torch_tensor(x):
     """True for torch tensors: keras.ops flattens its arguments looking for symbolic tensors, ~30 us a call under
     torch, while a decode step costs ~30 us on the GPU; a torch tensor reshapes and casts itself (also under
     torch.compile, where a shape may hold symbolic ints)."""
@@ -106,46 +106,49 @@ def to_tensor(x):
 
 
 def reshape(x, shape):
-    return x.reshape(shape) if _own_method(x) else ops.reshape(x, shape)
+    return x.reshape(shape) if is_torch_tensor(x) else ops.reshape(x, shape)
 
 
 def to_float32(x):
-    if _dtype(x) == "float32":
+    if dtype_name(x) == "float32":
         return x
-    return x.float() if _own_method(x) else ops.cast(x, "float32")
+    return x.float() if is_torch_tensor(x) else ops.cast(x, "float32")
 
 
 def _is_float(dtype):
     return "float" in dtype
 
 
-def _values(x):
-    """NumPy values of a backend tensor, or None while tracing (no host sync is forced there)."""
+def values_readable(x):
+    """The values of backend tensor x can be read now: not while tracing (jax.jit, tf.function, torch.compile) or
+    capturing a CUDA graph, where reading them would need a host sync that is not allowed."""
     backend = keras.backend.backend()
     if backend == "jax":
         import jax
 
-        if isinstance(x, jax.core.Tracer):
-            return None
-    elif backend == "tensorflow":
+        return not isinstance(x, jax.core.Tracer)
+    if backend == "tensorflow":
         import tensorflow as tf
 
-        if not tf.executing_eagerly():
-            return None
-    elif backend == "torch":
+        return tf.executing_eagerly()
+    if backend == "torch":
         import torch
 
-        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return None
-    return ops.convert_to_numpy(x)
+        return not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+    return True
 
 
-def _shape(x):
+def known_values(x):
+    """NumPy values of a backend tensor, or None while tracing (no host sync is forced there)."""
+    return ops.convert_to_numpy(x) if values_readable(x) else None
+
+
+def shape_of(x):
     return tuple(x.shape)
 
 
-def _key_shape(x):
-    return x.shape if _own_method(x) else tuple(x.shape)   # torch.Size is a tuple already
+def key_shape(x):
+    return x.shape if is_torch_tensor(x) else tuple(x.shape)   # torch.Size is a tuple already
 
 
 # ------------------------------------------------------------------------------------------------ the checks
@@ -153,15 +156,15 @@ def _check_inputs(head_size, tensors):
     """tensors: name -> r, k, v, w. Returns (B, T, C)."""
     for name, x in tensors.items():
         if len(x.shape) != 3:
-            raise ValueError(f"`{name}` must have shape (batch, time, channels); got shape {_shape(x)}.")
-        if _dtype(x) not in INPUT_DTYPES:
-            raise TypeError(f"`{name}` must be one of {', '.join(INPUT_DTYPES)}; got dtype {_dtype(x)}.")
-    shape, dtype = _shape(tensors["r"]), _dtype(tensors["r"])
+            raise ValueError(f"`{name}` must have shape (batch, time, channels); got shape {shape_of(x)}.")
+        if dtype_name(x) not in INPUT_DTYPES:
+            raise TypeError(f"`{name}` must be one of {', '.join(INPUT_DTYPES)}; got dtype {dtype_name(x)}.")
+    shape, dtype = shape_of(tensors["r"]), dtype_name(tensors["r"])
     for name in "kvw":
-        if _shape(tensors[name]) != shape:
-            raise ValueError(f"`{name}` must have the shape of `r`, {shape}; got {_shape(tensors[name])}.")
-        if _dtype(tensors[name]) != dtype:
-            raise TypeError(f"`{name}` must have the dtype of `r`, {dtype}; got {_dtype(tensors[name])}.")
+        if shape_of(tensors[name]) != shape:
+            raise ValueError(f"`{name}` must have the shape of `r`, {shape}; got {shape_of(tensors[name])}.")
+        if dtype_name(tensors[name]) != dtype:
+            raise TypeError(f"`{name}` must have the dtype of `r`, {dtype}; got {dtype_name(tensors[name])}.")
     B, T, C = shape
     if T is not None and T < 1:
         raise ValueError(f"`r` must hold at least one time step; got shape {shape}.")
@@ -171,17 +174,17 @@ def _check_inputs(head_size, tensors):
 
 
 def _check_float(name, x, expected):
-    if not _is_float(_dtype(x)):
-        raise TypeError(f"`{name}` must be a float tensor of shape {expected}; got dtype {_dtype(x)}.")
+    if not _is_float(dtype_name(x)):
+        raise TypeError(f"`{name}` must be a float tensor of shape {expected}; got dtype {dtype_name(x)}.")
 
 
-def _check_bonus(u, H, N):
+def check_bonus(u, H, N):
     if u is None:
         raise TypeError(f"`u` is required: a float tensor of shape ({H}, {N}) or ({H * N},); got None.")
     _check_float("u", u, f"({H}, {N}) or ({H * N},)")
-    if _shape(u) not in ((H, N), (H * N,)):
-        raise ValueError(f"`u` must have shape ({H}, {N}) or ({H * N},); got {_shape(u)}.")
-    return _shape(u) == (H * N,)
+    if shape_of(u) not in ((H, N), (H * N,)):
+        raise ValueError(f"`u` must have shape ({H}, {N}) or ({H * N},); got {shape_of(u)}.")
+    return shape_of(u) == (H * N,)
 
 
 def _check_state_map(state_map, B):
@@ -192,10 +195,10 @@ def _check_state_map(state_map, B):
             raise TypeError(f"`state_map` must hold integers; got dtype {state_map.dtype}.")
     else:
         state_map = to_tensor(state_map)
-        if "int" not in _dtype(state_map):
-            raise TypeError(f"`state_map` must hold integers; got dtype {_dtype(state_map)}.")
+        if "int" not in dtype_name(state_map):
+            raise TypeError(f"`state_map` must hold integers; got dtype {dtype_name(state_map)}.")
     if len(state_map.shape) != 1 or (B is not None and state_map.shape[0] not in (None, B)):
-        raise ValueError(f"`state_map` must have shape ({B},) (one index per batch row); got {_shape(state_map)}.")
+        raise ValueError(f"`state_map` must have shape ({B},) (one index per batch row); got {shape_of(state_map)}.")
     return state_map
 
 
@@ -207,12 +210,12 @@ def _check_start_state(init_state, state_map, B, H, N):
             raise ValueError("`state_map` was given without `init_state`: it maps rows to rows of init_state.")
         return "none", False, None
     _check_float("init_state", init_state, expected)
-    shape = _shape(init_state)
+    shape = shape_of(init_state)
     rank3 = len(shape) == 3
     if rank3:
         shape = (1, *shape)
     if len(shape) != 4 or shape[1:] != (H, N, N):
-        raise ValueError(f"`init_state` must have shape {expected}; got {_shape(init_state)}.")
+        raise ValueError(f"`init_state` must have shape {expected}; got {shape_of(init_state)}.")
     n = shape[0]
     if state_map is None:
         if n == B or (B is None and n != 1):
@@ -229,17 +232,17 @@ def _check_start_state(init_state, state_map, B, H, N):
 def _make_plan(head_size, r, k, v, w, u, init_state, state_map):
     B, T, C = _check_inputs(head_size, {"r": r, "k": k, "v": v, "w": w})
     H, N = C // head_size, head_size
-    u_flat = _check_bonus(u, H, N)
+    u_flat = check_bonus(u, H, N)
     state, rank3, n = _check_start_state(init_state, state_map, B, H, N)
     return Plan((B, T, C), H, N, u_flat, state, rank3, n)
 
 
 def _signature(head_size, r, k, v, w, u, init_state, state_map):
     """The cache key of a call: every shape and dtype the checks look at (state_map: its kind, dtype and shape)."""
-    mapping = None if state_map is None else (type(state_map), state_map.dtype, _key_shape(state_map))
-    start = None if init_state is None else (_key_shape(init_state), init_state.dtype)
-    return (head_size, _key_shape(r), r.dtype, _key_shape(k), k.dtype, _key_shape(v), v.dtype, _key_shape(w),
-            w.dtype, _key_shape(u), u.dtype, start, mapping)
+    mapping = None if state_map is None else (type(state_map), state_map.dtype, key_shape(state_map))
+    start = None if init_state is None else (key_shape(init_state), init_state.dtype)
+    return (head_size, key_shape(r), r.dtype, key_shape(k), k.dtype, key_shape(v), v.dtype, key_shape(w), w.dtype,
+            key_shape(u), u.dtype, start, mapping)
 
 
 def _cacheable():
@@ -252,24 +255,32 @@ def _cacheable():
     return not torch.compiler.is_compiling()
 
 
-def plan(head_size, r, k, v, w, u, init_state=None, state_map=None):
-    """The Plan of converted tensors r, k, v, w, u (or None: an error naming it), init_state (or None) and
-    state_map (None, NumPy or a backend tensor): checked, or taken from the cache."""
+def cached(signature, make):
+    """make() (a plan: every check of one signature), run once per signature() and then taken from the cache."""
     key = None
-    if u is not None and _cacheable():
+    if _cacheable():
         try:
-            key = _signature(head_size, r, k, v, w, u, init_state, state_map)
+            key = signature()
             found = _PLANS.get(key)
-        except TypeError:   # an unhashable shape or dtype (symbolic dims of some tracers): check every call
+        except (TypeError, AttributeError):   # unhashable (symbolic dims of some tracers), or no shape: check
             key = found = None
         if found is not None:
             return found
-    made = _make_plan(head_size, r, k, v, w, u, init_state, state_map)
+    made = make()
     if key is not None and made.static:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = made
     return made
+
+
+def plan(head_size, r, k, v, w, u, init_state=None, state_map=None):
+    """The Plan of converted tensors r, k, v, w, u (or None: an error naming it), init_state (or None) and
+    state_map (None, NumPy or a backend tensor): checked, or taken from the cache."""
+    if u is None:
+        return _make_plan(head_size, r, k, v, w, u, init_state, state_map)
+    return cached(lambda: _signature(head_size, r, k, v, w, u, init_state, state_map),
+                  lambda: _make_plan(head_size, r, k, v, w, u, init_state, state_map))
 
 
 # ------------------------------------------------------------------------------------------------ normalising
@@ -294,7 +305,7 @@ def _start_state(p, init_state, state_map, batch):
             return states
         return ops.broadcast_to(states, (batch, H, N, N))
     state_map = _check_state_map(state_map, p.shape[0])
-    values = state_map if isinstance(state_map, np.ndarray) else _values(state_map)
+    values = state_map if isinstance(state_map, np.ndarray) else known_values(state_map)
     n = p.n_state
     if values is not None and n is not None and values.size and (values.min() < 0 or values.max() >= n):
         raise ValueError(f"`state_map` values must lie in [0, {n}) (init_state holds {n} states); "

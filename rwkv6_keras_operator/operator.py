@@ -3,6 +3,7 @@ from keras import ops
 
 from . import engines
 from .arguments import apply, convert, plan, reshape
+from .pool_arguments import prepare_step
 
 
 class RWKVKernelOperator:
@@ -51,6 +52,25 @@ class RWKVKernelOperator:
             y, state = engine.wkv(a.r, a.k, a.v, a.w, a.u, a.s0)
             y = reshape(y, ops.shape(r) if p.shape[0] is None or p.shape[1] is None else p.shape)
         return y, (state if with_state else None)
+
+    def step(self, r, k, v, w, u, pool, slots):
+        """One token for B rows whose states live in a pool: `y, pool = op.step(r, k, v, w, u, pool, slots)`.
+
+        r, k, v, w: (B, C) or (B, 1, C), one float dtype; u: (H, N) or (C,), as in the call; pool: (n, H, N, N)
+        float32, n states of which row b uses pool[slots[b]]; slots: B distinct ints in [0, n) (list, NumPy or
+        backend tensor). Advances the rows `slots` of the pool by one token and returns y (in r's shape and dtype)
+        and the pool; every other state of the pool is untouched. The values of slots are checked when they are
+        known (see pool_arguments.py); no gradient flows through a step.
+
+        torch: the pool is updated in place and returned (the same tensor); the Triton engine reads and writes the
+        rows where they lie, also inside CUDA-graph capture (pass slots as a CUDA tensor there). jax: functional;
+        inside a jitted step with the pool donated (or carried through a loop) XLA updates it in place, eagerly it
+        copies the pool first. tensorflow: functional.
+        """
+        a = prepare_step(self.head_size, r, k, v, w, u, pool, slots)
+        engine = engines.portable_engine() if self.ops_loop else engines.select(a.r, self.head_size, False)
+        pool_step = getattr(engine, "pool_step", None) or engines.portable_engine().pool_step
+        return pool_step(a.r, a.k, a.v, a.w, a.u, a.pool, a.slots)
 
     def __repr__(self):
         return (f"RWKVKernelOperator(head_size={self.head_size}, "

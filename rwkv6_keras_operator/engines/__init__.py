@@ -12,6 +12,14 @@ with r, k, v, w: (B, T, H, N) backend tensors of one float dtype, u: (H, N) floa
 float32 or None (zeros); y: (B, T, H, N) in r's dtype, state: the (B, H, N, N) float32 state after the last
 step. Gradients flow to all six inputs (through the framework's autodiff or the engine's own backward) and
 through the returned state. Engines are imported only when their backend is the active one.
+
+Optional, for one token a row (the operator uses them where an engine has them):
+
+    decode(r, k, v, w, u, s0) -> (y, state)                  # r, k, v, w: (B, 1, C); y (B, 1, C); as wkv
+    pool_step(r, k, v, w, u, pool, slots) -> (y, pool)       # RWKVKernelOperator.step, without gradients
+
+pool_step: r, k, v, w (B, C) or (B, 1, C), y in r's shape; pool (n, H, N, N) float32; slots (B,) distinct ints, a
+backend tensor on the pool's device; advances the states pool[slots] by one token (in place under torch).
 """
 import importlib
 import os

@@ -48,9 +48,16 @@ def supports(r, head_size):
     return True
 
 
+def _loaded(name):
+    """The submodule `name` once imported: a dict lookup on the hot path (an import statement costs a microsecond a
+    call), except under torch.compile, which follows an import statement but not a lookup that changes as it traces."""
+    import torch
+
+    return None if torch.compiler.is_compiling() else sys.modules.get(f"{__name__}.{name}")
+
+
 def _binding():
-    # A dict lookup on the hot path (an import statement costs a microsecond a call); torch.compile traces it.
-    module = sys.modules.get(f"{__name__}.binding")
+    module = _loaded("binding")
     if module is None:
         from . import binding as module
     return module
@@ -62,3 +69,10 @@ def wkv(r, k, v, w, u, s0):
 
 def decode(r, k, v, w, u, s0):
     return _binding().decode(r, k, v, w, u, s0)
+
+
+def pool_step(r, k, v, w, u, pool, slots):
+    module = _loaded("pool")
+    if module is None:
+        from . import pool as module
+    return module.pool_step(r, k, v, w, u, pool, slots)

@@ -8,37 +8,16 @@ runs at the speed of moving the state (2 * 4 N^2 bytes per head). The same kerne
 with SLOTS, row b reads and writes the state pool[slots[b]] in place. That is safe because every program reads its
 tile of the state before it writes that same tile, and no other program touches it (the slots are distinct).
 """
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
+from ..step_settings import StepSettings
 from .common import exp, log_decay
 
 
-@dataclass(frozen=True)
-class StepSettings:
-    """Launch geometry of the step kernel (per head size N).
-
-    tile:       state elements a program moves (its N x BV tile): BV = min(N, tile // N) value columns. 4096
-                (16 KB of float32) gives N = 64 whole 256-byte state rows, so each warp reads and writes
-                contiguous rows and a head's state is one program;
-    per_thread: state elements a thread holds: num_warps = N * BV / (32 * per_thread), at least 1. 32 floats a
-                thread are 8 loads of 16 bytes in flight per thread, with registers to spare.
-    Programs run in the order (row, head, column block), the column blocks of one head next to each other, on one
-    grid axis (B * H reaches 131072 at B = 4096, H = 32: past the 65535 of CUDA's second and third grid axes).
-    """
-    tile: int = 4096
-    per_thread: int = 32
-
-    def columns(self, N):
-        return max(1, min(N, self.tile // N))
-
-    def warps(self, N):
-        return max(1, min(8, N * self.columns(N) // (32 * self.per_thread)))
-
-
+# Programs run in the order (row, head, column block) on one grid axis: B * H reaches 131072 at B = 4096, H = 32,
+# past the 65535 of CUDA's second and third grid axes.
 STEP = StepSettings()
 
 
@@ -78,10 +57,12 @@ def step_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, s0_stride, slots_ptr,
     tl.store(s1_ptr + s1_base + local, d[:, None] * S + k[:, None] * v[None, :])
 
 
-def launch_step(r, k, v, w, u, s0, y, s1, slots=None, settings=STEP):
+def launch_step(r, k, v, w, u, s0, y, s1, slots=None, settings=None):
     """y, s1 <- one step from s0 (None: zeros). r, k, v, w, y: (B, 1, H, N) or (B, 1, C) contiguous; u: (H, N)
     float32 contiguous; s0: (B, H, N, N) float32 whose rows are contiguous, the row stride any (0: broadcast).
-    slots: None, or a (B,) integer tensor: then s0 is s1, the pool, updated in place at rows slots."""
+    slots: None, or a (B,) integer tensor: then s0 is s1, the pool, updated in place at rows slots. settings: the
+    launch geometry (default: STEP)."""
+    settings = settings or STEP
     B = r.shape[0]
     H, N = u.shape
     BV = settings.columns(N)
