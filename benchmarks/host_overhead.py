@@ -73,6 +73,8 @@ def jax_rows(B, H, N, calls, repeats):
     C = H * N
     y_out, s_out = jnp.zeros((B, 1, H, N)), jnp.zeros((B, H, N, N))
     engine.wkv = lambda *args: (y_out, s_out)
+    y_flat = y_out.reshape(B, 1, H * N)
+    engine.decode = lambda *args: (y_flat, s_out)
     engine.is_available = lambda: True
     engine.supports = lambda r, head_size: True
     r, k, v, w = (jnp.ones((B, 1, C)) for _ in range(4))
@@ -87,16 +89,43 @@ def jax_rows(B, H, N, calls, repeats):
     }
 
 
+def jax_engine_rows(B, H, N, calls, repeats):
+    """The Pallas engine's jitted decode called eagerly (its dispatch), against a jitted identity-like program."""
+    import jax
+    import jax.numpy as jnp
+
+    from rwkv6_keras_operator.engines.pallas import core
+
+    core.FORCE_INTERPRET = True
+    from rwkv6_keras_operator.engines import pallas
+
+    C = H * N
+    r, k, v, w = (jnp.ones((B, 1, C)) for _ in range(4))
+    u, s = jnp.ones((H, N)), jnp.ones((B, H, N, N))
+    op = RWKVKernelOperator(N)
+    floor = jax.jit(lambda r, k, v, w, u, s: (r * 1, s * 1))
+    return {
+        "op(...) decode step (interpreted kernel)": per_call_us(
+            lambda: op(r, k, v, w, u, with_state=True, init_state=s), calls, repeats),
+        "engine alone (pallas.decode)": per_call_us(lambda: pallas.decode(r, k, v, w, u, s), calls, repeats),
+        "floor: a jitted call of 6 arrays": per_call_us(lambda: floor(r, k, v, w, u, s), calls, repeats),
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="2,2,64", help="B,H,N of the decode step (default 2,2,64)")
     parser.add_argument("--calls", type=int, default=10000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--engine", action="store_true", help="jax: also time the Pallas engine's jitted decode "
+                        "called eagerly (in the interpreter: the dispatch, not the kernel, is what differs)")
     args = parser.parse_args(argv)
     B, H, N = (int(x) for x in args.shape.split(","))
     backend = keras.backend.backend()
     rows = {"torch": torch_rows, "jax": jax_rows}[backend](B, H, N, args.calls, args.repeats)
+    if backend == "jax" and args.engine:
+        rows.update(jax_engine_rows(B, H, N, args.calls, args.repeats))
     print(f"host overhead of a decode step, {backend}, B={B} H={H} N={N}, us a call (best of {args.repeats} x "
           f"{args.calls} calls):")
     for name, us in rows.items():
