@@ -5,6 +5,7 @@
 #   bash scripts/gpu.sh tests    # the whole torch suite (Triton engine) and the whole jax suite (Pallas engine)
 #   bash scripts/gpu.sh bench    # benchmarks/gpu_jax.py: Pallas, then the Triton engine, rwkv-ops and fla, same run
 #   bash scripts/gpu.sh multi    # 2+ GPUs: benchmarks/ddp_torch.py (torch DDP), benchmarks/shard_jax.py (or: ddp, shard)
+#   bash scripts/gpu.sh serving  # benchmarks/serving.py: decode through the operator, B=4096 against copy, the pool
 #   bash scripts/gpu.sh tests multi bench                                      # stages run in the order given
 #
 # On the lent machines of this workplace, first `. .gpukit/setup_env.sh` (keras wheels, writable caches, the peers
@@ -62,12 +63,16 @@ for stage in "$@"; do
       step bench "${BENCH_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 KERAS_BACKEND=jax \
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 BUDGET=$(( ${BENCH_LIMIT:-560} - 20 )) python3 benchmarks/gpu_jax.py
       pack_autotune ;;
+    serving)   # one process per backend (GPU 0); fla from $PEER_PYTHONPATH in the torch one
+      step serving_torch "${SERVING_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/serving.py --backend torch --variants
+      step serving_jax "${SERVING_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 \
+        python3 benchmarks/serving.py --backend jax --variants ;;
     ddp) step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py ;;
     shard) step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
     multi)
       step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py
       step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
-    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, multi = ddp + shard)" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, serving, multi = ddp + shard)" >&2; exit 2 ;;
   esac
 done
 exit $status
