@@ -161,7 +161,12 @@ def shape_of(x):
 
 
 def key_shape(x):
-    return x.shape if is_torch_tensor(x) else tuple(x.shape)   # torch.Size is a tuple already
+    """x's shape as part of a cache key: torch.Size and jax shapes are tuples already (tensorflow's TensorShape is
+    made one)."""
+    return x.shape if _SHAPES_ARE_TUPLES else tuple(x.shape)
+
+
+_SHAPES_ARE_TUPLES = keras.backend.backend() in ("torch", "jax")
 
 
 # ------------------------------------------------------------------------------------------------ the checks
@@ -316,6 +321,8 @@ def _start_state(p, init_state, state_map, batch):
     if p.state == "shared":
         if isinstance(batch, int) and batch == 1:
             return states
+        if is_torch_tensor(states):
+            return states.expand(batch, H, N, N)   # a view (the Triton step reads it with a row stride of 0)
         return ops.broadcast_to(states, (batch, H, N, N))
     state_map = _check_state_map(state_map, p.shape[0])
     values = state_map if isinstance(state_map, np.ndarray) else known_values(state_map)
