@@ -170,11 +170,12 @@ _SHAPES_ARE_TUPLES = keras.backend.backend() in ("torch", "jax")
 
 
 # ------------------------------------------------------------------------------------------------ the checks
-def _check_inputs(head_size, tensors):
-    """tensors: name -> r, k, v, w. Returns (B, T, C)."""
+def check_rkvw(tensors, shape_ok, expected):
+    """tensors: name -> r, k, v, w. Each of a shape that shape_ok accepts (else a ValueError that names `expected`)
+    and of an input dtype, all four alike. Returns r's shape."""
     for name, x in tensors.items():
-        if len(x.shape) != 3:
-            raise ValueError(f"`{name}` must have shape (batch, time, channels); got shape {shape_of(x)}.")
+        if not shape_ok(shape_of(x)):
+            raise ValueError(f"`{name}` must have shape {expected}; got shape {shape_of(x)}.")
         if dtype_name(x) not in INPUT_DTYPES:
             raise TypeError(f"`{name}` must be one of {', '.join(INPUT_DTYPES)}; got dtype {dtype_name(x)}.")
     shape, dtype = shape_of(tensors["r"]), dtype_name(tensors["r"])
@@ -183,11 +184,21 @@ def _check_inputs(head_size, tensors):
             raise ValueError(f"`{name}` must have the shape of `r`, {shape}; got {shape_of(tensors[name])}.")
         if dtype_name(tensors[name]) != dtype:
             raise TypeError(f"`{name}` must have the dtype of `r`, {dtype}; got {dtype_name(tensors[name])}.")
+    return shape
+
+
+def check_channels(C, head_size):
+    if C is None or C % head_size:
+        raise ValueError(f"The channel size of `r` ({C}) must be a multiple of head_size ({head_size}).")
+
+
+def _check_inputs(head_size, tensors):
+    """tensors: name -> r, k, v, w. Returns (B, T, C)."""
+    shape = check_rkvw(tensors, lambda s: len(s) == 3, "(batch, time, channels)")
     B, T, C = shape
     if T is not None and T < 1:
         raise ValueError(f"`r` must hold at least one time step; got shape {shape}.")
-    if C is None or C % head_size:
-        raise ValueError(f"The channel size of `r` ({C}) must be a multiple of head_size ({head_size}).")
+    check_channels(C, head_size)
     return shape
 
 

@@ -13,8 +13,8 @@ from typing import NamedTuple
 import numpy as np
 from keras import ops
 
-from .arguments import (INPUT_DTYPES, cached, check_bonus, dtype_name, is_torch_tensor, key_shape, reshape, shape_of,
-                        to_float32, to_tensor, values_readable)
+from .arguments import (cached, check_bonus, check_channels, check_rkvw, dtype_name, is_torch_tensor, key_shape,
+                        reshape, shape_of, to_float32, to_tensor, values_readable)
 
 
 @dataclass(frozen=True)
@@ -47,23 +47,13 @@ class StepArgs(NamedTuple):
     plan: StepPlan
 
 
+def _one_token(shape):
+    return len(shape) == 2 or (len(shape) == 3 and shape[1] in (1, None))
+
+
 def _check_tokens(head_size, tensors):
-    for name, x in tensors.items():
-        shape = shape_of(x)
-        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[1] not in (1, None)):
-            raise ValueError(f"`{name}` must have shape (batch, channels) or (batch, 1, channels): one token a row; "
-                             f"got shape {shape}.")
-        if dtype_name(x) not in INPUT_DTYPES:
-            raise TypeError(f"`{name}` must be one of {', '.join(INPUT_DTYPES)}; got dtype {dtype_name(x)}.")
-    shape, dtype = shape_of(tensors["r"]), dtype_name(tensors["r"])
-    for name in "kvw":
-        if shape_of(tensors[name]) != shape:
-            raise ValueError(f"`{name}` must have the shape of `r`, {shape}; got {shape_of(tensors[name])}.")
-        if dtype_name(tensors[name]) != dtype:
-            raise TypeError(f"`{name}` must have the dtype of `r`, {dtype}; got {dtype_name(tensors[name])}.")
-    C = shape[-1]
-    if C is None or C % head_size:
-        raise ValueError(f"The channel size of `r` ({C}) must be a multiple of head_size ({head_size}).")
+    shape = check_rkvw(tensors, _one_token, "(batch, channels) or (batch, 1, channels): one token a row")
+    check_channels(shape[-1], head_size)
     return shape
 
 

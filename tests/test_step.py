@@ -142,6 +142,7 @@ BAD = {
     "k shape": (dict(k=np.zeros((3, C), np.float32)), ValueError, "`k` must have the shape of `r`"),
     "w dtype": (dict(w=np.zeros((2, C), np.float16)), TypeError, "`w` must have the dtype of `r`"),
     "u shape": (dict(u=np.zeros((H, N + 1), np.float32)), ValueError, "`u`"),
+    "u missing": (dict(u=None), TypeError, f"`u` is required: a float tensor of shape ({H}, {N})"),
     "C not a multiple": ({name: np.zeros((2, 30), np.float32) for name in "rkvw"}, ValueError, "head_size"),
 }
 
@@ -169,7 +170,6 @@ def test_slot_tensor_checked_again_after_it_changed():
 def test_pool_layout_errors_under_torch():
     if BACKEND != "torch":
         pytest.skip("torch only: the pool is updated in place where it lies")
-    x, _ = case(2, 4, seed=0)
     strided = tensor(np.zeros((4, H, N, 2 * N), np.float32))[..., ::2]
     with pytest.raises(ValueError, match="contiguous"):
         bad_step(pool=strided)
