@@ -72,21 +72,26 @@ def jax_rows(B, H, N, calls, repeats):
 
     C = H * N
     y_out, s_out = jnp.zeros((B, 1, H, N)), jnp.zeros((B, H, N, N))
-    engine.wkv = lambda *args: (y_out, s_out)
     y_flat = y_out.reshape(B, 1, H * N)
-    engine.decode = lambda *args: (y_flat, s_out)
-    engine.is_available = lambda: True
-    engine.supports = lambda r, head_size: True
-    r, k, v, w = (jnp.ones((B, 1, C)) for _ in range(4))
-    u, s = jnp.ones((H, N)), jnp.ones((B, H, N, N))
-    op = RWKVKernelOperator(N)
-    a = prepare(N, r, k, v, w, u, s)
-    return {
-        "op(...) decode step (engine stubbed)": per_call_us(
-            lambda: op(r, k, v, w, u, with_state=True, init_state=s), calls, repeats),
-        "prepare (checks, reshapes)": per_call_us(lambda: prepare(N, r, k, v, w, u, s), calls, repeats),
-        "engines.select": per_call_us(lambda: engines.select(a.r, N, False), calls, repeats),
-    }
+    stubs = {"wkv": lambda *args: (y_out, s_out), "decode": lambda *args: (y_flat, s_out),
+             "is_available": lambda: True, "supports": lambda r, head_size: True}
+    saved = {name: getattr(engine, name) for name in stubs}
+    for name, stub in stubs.items():
+        setattr(engine, name, stub)
+    try:
+        r, k, v, w = (jnp.ones((B, 1, C)) for _ in range(4))
+        u, s = jnp.ones((H, N)), jnp.ones((B, H, N, N))
+        op = RWKVKernelOperator(N)
+        a = prepare(N, r, k, v, w, u, s)
+        return {
+            "op(...) decode step (engine stubbed)": per_call_us(
+                lambda: op(r, k, v, w, u, with_state=True, init_state=s), calls, repeats),
+            "prepare (checks, reshapes)": per_call_us(lambda: prepare(N, r, k, v, w, u, s), calls, repeats),
+            "engines.select": per_call_us(lambda: engines.select(a.r, N, False), calls, repeats),
+        }
+    finally:
+        for name, original in saved.items():
+            setattr(engine, name, original)
 
 
 def jax_engine_rows(B, H, N, calls, repeats):
