@@ -29,6 +29,9 @@ class RWKVKernelOperator:
         Returns y (B, T, C) in the dtype of r, and with_state=True the float32 state after the last step,
             (B, H, N, N), else None.
 
+    Step: `op.step(r, k, v, w, u, pool, slots) -> (y, pool)`: one token for rows whose states live in a pool of
+    states (serving many requests, each holding a slot); see `step`.
+
     The object holds no mutable state: one instance may be called from several threads.
     """
 
