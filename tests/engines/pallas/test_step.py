@@ -180,3 +180,24 @@ def test_compiled_programs_make_no_copy_of_the_states():
                                                               jnp.asarray(xs["u"])).compile().as_text()
     state_shape = f"f32[{B},{H},{N},{N}]"
     assert not [line for line in hlo.splitlines() if " copy(" in line and state_shape in line], hlo
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (a pool of 8.6 GB)")
+def test_pool_past_two_to_the_31_elements():
+    """A pool of more than 2^31 floats (offsets past int32), donated: the last slots step as they do alone."""
+    H, N = 32, 64
+    n = 2**31 // (H * N * N) + 4
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0) < n * H * N * N * 4 * 1.3:
+        pytest.skip("not enough free GPU memory for the pool")
+    B = 2
+    x = make_inputs(B, 1, H, N, 13, decay="strong", n_state=B)
+    slots = np.array([n - 1, n - 3], np.int32)
+    pool = jnp.zeros((n, H, N, N), jnp.float32).at[slots].set(jnp.asarray(x["init_state"]))
+    op = RWKVKernelOperator(N)
+    step = jax.jit(op.step, donate_argnums=5)
+    y, pool = step(*(jnp.asarray(x[c][:, 0]) for c in "rkvw"), jnp.asarray(x["u"]), pool, jnp.asarray(slots))
+    y_ref, s_ref = wkv_reference(*(x[c] for c in "rkvwu"), N, x["init_state"])
+    assert rel_err(np.asarray(y), y_ref[:, 0]) <= FP32_OUT
+    assert rel_err(np.asarray(pool[slots]), s_ref) <= FP32_OUT
+    assert int(jnp.count_nonzero(pool[: n - 3])) == 0
