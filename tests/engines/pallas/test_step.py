@@ -121,7 +121,8 @@ def test_cuda_program_of_a_donated_pool_step_writes_in_place():
     assert kernel_aliases(program) == [[(1, 5)]]
     main = next(line for line in program.splitlines() if "func.func public @main" in line)
     pool_arg = re.search(rf"%arg5: tensor<{n}x{H}x{N}x{N}xf32>[^,]*", main).group(0)
-    assert "tf.aliasing_output = 1" in pool_arg, pool_arg
+    # donated: aliased to output 1 (the pool), or left to XLA to alias (newer jax may say only that it is donated)
+    assert "tf.aliasing_output = 1" in pool_arg or "jax.buffer_donor = true" in pool_arg, pool_arg
 
 
 def scan_decode(op, T):
@@ -201,3 +202,20 @@ def test_pool_past_two_to_the_31_elements():
     assert rel_err(np.asarray(y), y_ref[:, 0]) <= FP32_OUT
     assert rel_err(np.asarray(pool[slots]), s_ref) <= FP32_OUT
     assert int(jnp.count_nonzero(pool[: n - 3])) == 0
+
+
+def test_state_still_used_after_an_in_place_step_keeps_its_values(forced):
+    """Inside jit the step writes over its state input; where the caller still uses that state afterwards, XLA
+    copies it first: both the old and the new state come out right."""
+    B, H, N = 2, 1, 16
+    x = make_inputs(B, 1, H, N, 10, decay="masks", n_state=B)
+    op = RWKVKernelOperator(N)
+
+    def both(s, r, k, v, w, u):
+        y, s1 = op(r, k, v, w, u, with_state=True, init_state=s)
+        return s, s1
+
+    old, new = jax.jit(both)(jnp.asarray(x["init_state"]), *(jnp.asarray(x[c]) for c in "rkvw"), jnp.asarray(x["u"]))
+    assert np.array_equal(np.asarray(old), x["init_state"])
+    _, s_ref = wkv_reference(*(x[c] for c in "rkvwu"), N, x["init_state"])
+    assert rel_err(np.asarray(new), s_ref) <= FP32_OUT
