@@ -53,15 +53,15 @@ def torch_rows(B, H, N, calls, repeats):
     u, s = torch.randn(H, N), torch.randn(B, H, N, N)
     op = RWKVKernelOperator(N)
     a = prepare(N, r, k, v, w, u, s)
+    timed = lambda fn: per_call_us(fn, calls, repeats)  # noqa: E731
     with torch.no_grad():
         return {
-            "op(...) decode step": per_call_us(lambda: op(r, k, v, w, u, with_state=True, init_state=s), calls, repeats),
-            "engine alone (binding.wkv)": per_call_us(lambda: binding.wkv(a.r, a.k, a.v, a.w, a.u, a.s0), calls, repeats),
-            "engine alone (binding.decode)": per_call_us(lambda: binding.decode(r, k, v, w, u, s), calls, repeats),
-            "prepare (checks, reshapes)": per_call_us(lambda: prepare(N, r, k, v, w, u, s), calls, repeats),
-            "engines.select": per_call_us(lambda: engines.select(a.r, N, False), calls, repeats),
-            "floor: allocate y and state": per_call_us(
-                lambda: (torch.empty_like(a.r), torch.empty((B, H, N, N), device=r.device)), calls, repeats),
+            "op(...) decode step": timed(lambda: op(r, k, v, w, u, with_state=True, init_state=s)),
+            "engine alone (binding.wkv)": timed(lambda: binding.wkv(a.r, a.k, a.v, a.w, a.u, a.s0)),
+            "engine alone (binding.decode)": timed(lambda: binding.decode(r, k, v, w, u, s)),
+            "prepare (checks, reshapes)": timed(lambda: prepare(N, r, k, v, w, u, s)),
+            "engines.select": timed(lambda: engines.select(a.r, N, False)),
+            "floor: allocate y and state": timed(lambda: (torch.empty_like(a.r), torch.empty((B, H, N, N)))),
         }
 
 

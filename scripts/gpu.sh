@@ -64,7 +64,8 @@ for stage in "$@"; do
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 BUDGET=$(( ${BENCH_LIMIT:-560} - 20 )) python3 benchmarks/gpu_jax.py
       pack_autotune ;;
     serving)   # one process per backend (GPU 0); fla from $PEER_PYTHONPATH in the torch one
-      step serving_torch "${SERVING_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/serving.py --backend torch --variants
+      step serving_torch "${SERVING_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 \
+        python3 benchmarks/serving.py --backend torch --variants
       step serving_jax "${SERVING_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 \
         python3 benchmarks/serving.py --backend jax --variants ;;
     ddp) step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py ;;
