@@ -69,10 +69,7 @@ VARIANT_CONFIGS = {
     "fused-s3": {"fused_stages": 3},
     "long-scan16": {"scan_block": 16, "scan_warps": 2, "shape": "long"},   # more programs for the plain scan
     "long-scan8": {"scan_block": 8, "scan_warps": 1, "shape": "long"},
-    # decode (timed at the decode shape): value columns per step-by-step program; 64 = whole 256-byte state rows
-    "decode16": {"recurrent_block": 16},
-    "decode64": {"recurrent_block": 64},
-    "decode64-warps4": {"recurrent_block": 64, "recurrent_warps": 4},
+    # the step kernel's launch geometry (decode): benchmarks/serving.py --variants (recurrent.STEP)
 }
 DEFAULT_VARIANTS = "tf32-products,warps8"
 RESULTS = {"date": time.strftime("%Y-%m-%d"), "check": [], "ours": {}, "variants": {}, "kernels": {}, "peers": {},
@@ -234,7 +231,7 @@ def speed_shapes(shapes):
 
 @guarded("variants")
 def variants(names):
-    """Each configuration at the training shape, or at the decode shape for the decode kernel's settings."""
+    """Each configuration at the training shape (or the shape it names)."""
     for name in names:
         if left() < 60:
             RESULTS["errors"].append({"what": f"variant {name}", "err": "not run: BUDGET spent"})
@@ -243,7 +240,7 @@ def variants(names):
         configure(cfg)
         try:
             log(f"variant {name} {cfg}")
-            shape = cfg.get("shape", "decode" if "recurrent_block" in cfg else "train")
+            shape = cfg.get("shape", "train")
             RESULTS["variants"][name] = {"config": cfg, "shape": shape, **speed(shape, *SHAPES[shape])}
             if shape == "train":   # the same configuration against the oracle (the check runs chunked)
                 check(dtypes=("bfloat16", "float16"), tag=name)

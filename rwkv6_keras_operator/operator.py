@@ -6,7 +6,8 @@ from typing import Any, Sequence
 from keras import ops
 
 from . import engines
-from .arguments import prepare, reshape
+from .arguments import apply, convert, plan, reshape
+from .pool_arguments import prepare_step
 
 TensorLike = Any   # a tensor of the active backend, a NumPy array, or a KerasTensor inside a functional model
 
@@ -34,6 +35,9 @@ class RWKVKernelOperator:
         Returns y (B, T, C) in the dtype of r, and with_state=True the float32 state after the last step,
             (B, H, N, N), else None.
 
+    Step: `op.step(r, k, v, w, u, pool, slots) -> (y, pool)`: one token for rows whose states live in a pool of
+    states (serving many requests, each holding a slot); see `step`.
+
     The object holds no mutable state: one instance may be called from several threads.
     """
 
@@ -47,11 +51,38 @@ class RWKVKernelOperator:
     def __call__(self, r: TensorLike, k: TensorLike, v: TensorLike, w: TensorLike, u: TensorLike,
                  with_state: bool = False, init_state: TensorLike | None = None,
                  state_map: TensorLike | Sequence[int] | None = None) -> tuple[TensorLike, TensorLike | None]:
-        args = prepare(self.head_size, r, k, v, w, u, init_state, state_map)
-        engine = engines.select(args.r, self.head_size, self.ops_loop)
-        y, state = engine.wkv(args.r, args.k, args.v, args.w, args.u, args.s0)
-        y = reshape(y, ops.shape(r) if args.shape[0] is None or args.shape[1] is None else args.shape)
+        r, k, v, w, u, init_state, state_map = convert(r, k, v, w, u, init_state, state_map)
+        p = plan(self.head_size, r, k, v, w, u, init_state, state_map)
+        engine = engines.select(r, self.head_size, self.ops_loop)
+        decode = getattr(engine, "decode", None) if p.shape[1] == 1 else None
+        if decode is not None:   # one token: an engine that takes (B, 1, C) as it is (no reshapes)
+            a = apply(p, r, k, v, w, u, init_state, state_map, split_heads=False)
+            y, state = decode(a.r, a.k, a.v, a.w, a.u, a.s0)
+        else:
+            a = apply(p, r, k, v, w, u, init_state, state_map)
+            y, state = engine.wkv(a.r, a.k, a.v, a.w, a.u, a.s0)
+            y = reshape(y, ops.shape(r) if p.shape[0] is None or p.shape[1] is None else p.shape)
         return y, (state if with_state else None)
+
+    def step(self, r: TensorLike, k: TensorLike, v: TensorLike, w: TensorLike, u: TensorLike, pool: TensorLike,
+             slots: TensorLike | Sequence[int]) -> tuple[TensorLike, TensorLike]:
+        """One token for B rows whose states live in a pool: `y, pool = op.step(r, k, v, w, u, pool, slots)`.
+
+        r, k, v, w: (B, C) or (B, 1, C), one float dtype; u: (H, N) or (C,), as in the call; pool: (n, H, N, N)
+        float32, n states of which row b uses pool[slots[b]]; slots: B distinct ints in [0, n) (list, NumPy or
+        backend tensor). Advances the rows `slots` of the pool by one token and returns y (in r's shape and dtype)
+        and the pool; every other state of the pool is untouched. The values of slots are checked when they are
+        known (see pool_arguments.py); no gradient flows through a step.
+
+        torch: the pool is updated in place and returned (the same tensor); the Triton engine reads and writes the
+        rows where they lie, also inside CUDA-graph capture (pass slots as a CUDA tensor there). jax: functional;
+        inside a jitted step with the pool donated (or carried through a loop) XLA updates it in place, eagerly it
+        copies the pool first. tensorflow: functional.
+        """
+        a = prepare_step(self.head_size, r, k, v, w, u, pool, slots)
+        engine = engines.portable_engine() if self.ops_loop else engines.select(a.r, self.head_size, False)
+        pool_step = getattr(engine, "pool_step", None) or engines.portable_engine().pool_step
+        return pool_step(a.r, a.k, a.v, a.w, a.u, a.pool, a.slots)
 
     def __repr__(self) -> str:
         return (f"RWKVKernelOperator(head_size={self.head_size}, "

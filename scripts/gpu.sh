@@ -7,6 +7,7 @@
 #   bash scripts/gpu.sh compare  # benchmarks/peers/compare.py: this project, fla, rwkv-ops and 1.0.5, each through
 #                                # its public API, one process each
 #   bash scripts/gpu.sh multi    # 2+ GPUs: benchmarks/ddp_torch.py (torch DDP), benchmarks/shard_jax.py (or: ddp, shard)
+#   bash scripts/gpu.sh serving  # benchmarks/serving.py: decode through the operator, B=4096 against copy, the pool
 #   bash scripts/gpu.sh tests multi bench                                      # stages run in the order given
 #
 # The peers (and keras, where the machine lacks it) come from scripts/peers.sh: `bash scripts/peers.sh download`
@@ -79,12 +80,17 @@ for stage in "$@"; do
     compare) step compare "${COMPARE_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 BUDGET=$(( ${COMPARE_LIMIT:-560} - 20 )) \
         python3 benchmarks/peers/compare.py
       pack_autotune ;;
+    serving)   # one process per backend (GPU 0); fla from $PEER_PYTHONPATH in the torch one
+      step serving_torch "${SERVING_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 \
+        python3 benchmarks/serving.py --backend torch --variants
+      step serving_jax "${SERVING_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 \
+        python3 benchmarks/serving.py --backend jax --variants ;;
     ddp) step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py ;;
     shard) step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
     multi)
       step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py
       step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
-    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, compare, multi = ddp + shard)" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, compare, serving, multi = ddp + shard)" >&2; exit 2 ;;
   esac
 done
 exit $status

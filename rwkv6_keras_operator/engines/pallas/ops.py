@@ -2,7 +2,8 @@
 
     forward(r, k, v, w, u, s0)                 -> y, final state, states at the chunk starts
     backward(r, k, v, w, u, starts, dy, dsT)   -> dr, dk, dv, dw, du, ds0
-    decode(r, k, v, w, u, s0)                  -> y, final state          (step by step, short T)
+    decode(r, k, v, w, u, s0)                  -> y, final state          (step by step, short T; in_place:
+                                                                          written over s0)
 
 r, k, v, w, dy: (B, T, H, N) of one dtype; u: (B, H, N) float32 (one row per batch row, so that folding
 vmapped axes into B stays exact); s0, dsT: (B, H, N, N) float32. Every op maps (row, head) pairs
@@ -30,8 +31,8 @@ def _backward(r, k, v, w, u, starts, dy, dsT, *, L, prec):
     return dr, dk, dv, dw, du.sum(axis=2), ds0
 
 
-def _decode(r, k, v, w, u, s0):
-    return recurrent.recurrent(r, k, v, w, u, s0)
+def _decode(r, k, v, w, u, s0, *, in_place):
+    return recurrent.recurrent(r, k, v, w, u, s0, in_place=in_place)
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,8 +47,8 @@ def backward(L, prec):
 
 
 @functools.lru_cache(maxsize=None)
-def decode():
-    return parallel_op(_decode, (X4, X4, X4, X4, U, S), (X4, S))
+def decode(in_place=False):
+    return parallel_op(functools.partial(_decode, in_place=in_place), (X4, X4, X4, X4, U, S), (X4, S))
 
 
 def chunk_length(T, chunk):
