@@ -5,18 +5,10 @@ the T tokens of the one batch row hold n independent sequences, cu_seqlens[i]:cu
 allowed). Its length and the sequence length T must be known while tracing (they bound the computation); its
 values are checked whenever they are known, i.e. outside jax.jit, tf.function, torch.compile and graph capture.
 """
-import keras
 import numpy as np
 from keras import ops
 
-from . import arguments
-
-
-def _known_values(x):
-    """NumPy values of backend tensor x, or None while tracing: the argument module's reader (named known_values
-    or _values, depending on whether the serving branch's arguments.py is in)."""
-    reader = getattr(arguments, "known_values", None) or getattr(arguments, "_values")
-    return reader(x)
+from .arguments import dtype_name, known_values
 
 
 def check_cu_seqlens(cu_seqlens, shape):
@@ -28,7 +20,7 @@ def check_cu_seqlens(cu_seqlens, shape):
         values = cu_seqlens
     else:
         cu_seqlens = ops.convert_to_tensor(cu_seqlens)
-        dtype = keras.backend.standardize_dtype(cu_seqlens.dtype)
+        dtype = dtype_name(cu_seqlens)
         if "int" not in dtype:
             raise TypeError(f"`cu_seqlens` must hold integers; got dtype {dtype}.")
         values = None
@@ -41,7 +33,7 @@ def check_cu_seqlens(cu_seqlens, shape):
     if T is None:
         raise ValueError("`cu_seqlens` needs a sequence length known while tracing; got an unknown time dimension.")
     if values is None:
-        values = _known_values(cu_seqlens)
+        values = known_values(cu_seqlens)
     if values is not None:
         values = np.asarray(values)
         if values[0] != 0 or values[-1] != T:
