@@ -2,8 +2,9 @@
 generation, under torch and jax, and the torch model with flash-linear-attention's chunk_rwkv6 in place of the
 operator; random weights in realistic ranges.
 
-On the GPU machine, from the repository root (fla comes from $PEER_PYTHONPATH, which setup_env.sh sets):
-    . .gpukit/setup_env.sh && OUT=/tmp/e2e python3 benchmarks/models_e2e.py
+On the GPU machine, from the repository root: `bash scripts/gpu.sh models` (it installs the peers and sets
+$PEER_PYTHONPATH, where fla is found), or by hand after `eval "$(bash scripts/peers.sh env)"`:
+    OUT=/tmp/e2e python3 benchmarks/models_e2e.py
     python3 benchmarks/models_e2e.py --backend torch --wkv fla --skip-generation   # one case, in this process
     python3 benchmarks/models_e2e.py --tiny                                          # a smoke run on CPU
 Without --backend it runs every case, each in its own process (torch + operator, torch + fla, jax + operator),

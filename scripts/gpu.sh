@@ -8,6 +8,7 @@
 #                                # its public API, one process each
 #   bash scripts/gpu.sh multi    # 2+ GPUs: benchmarks/ddp_torch.py (torch DDP), benchmarks/shard_jax.py (or: ddp, shard)
 #   bash scripts/gpu.sh serving  # benchmarks/serving.py: decode through the operator, B=4096 against copy, the pool
+#   bash scripts/gpu.sh models   # benchmarks/models_e2e.py: the RWKV-6 169M model, training step and generation
 #   bash scripts/gpu.sh tests multi bench                                      # stages run in the order given
 #
 # The peers (and keras, where the machine lacks it) come from scripts/peers.sh: `bash scripts/peers.sh download`
@@ -85,12 +86,16 @@ for stage in "$@"; do
         python3 benchmarks/serving.py --backend torch --variants
       step serving_jax "${SERVING_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 \
         python3 benchmarks/serving.py --backend jax --variants ;;
+    models)    # torch + operator, torch + fla chunk_rwkv6, jax + operator: one process each (GPU 0)
+      step models_e2e "${MODELS_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 \
+        python3 benchmarks/models_e2e.py --timeout $(( (${MODELS_LIMIT:-560} - 20) / 3 ))
+      pack_autotune ;;
     ddp) step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py ;;
     shard) step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
     multi)
       step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py
       step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
-    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, compare, serving, multi = ddp + shard)" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, compare, serving, models, multi = ddp + shard)" >&2; exit 2 ;;
   esac
 done
 exit $status
