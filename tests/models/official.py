@@ -26,7 +26,8 @@ def run_official(jobs, workdir):
     out = request[:-5] + ".npz"
     with open(request, "w") as f:
         json.dump({"out": out, "jobs": jobs}, f)
-    env = {**os.environ, "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0", "RWKV_V7_ON": "0", "PYTHONPATH": ROOT}
+    env = {**os.environ, "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0", "RWKV_V7_ON": "0", "PYTHONPATH": os.pathsep.join(
+        [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}   # the rwkv package may come from PYTHONPATH
     env.pop("KERAS_BACKEND", None)
     done = subprocess.run([sys.executable, "-m", "tests.models.official", request], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)

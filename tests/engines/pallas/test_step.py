@@ -92,8 +92,9 @@ def cuda_program(fn, *args, donate=()):
     saved = core.interpret
     core.interpret = lambda: False
     jax.clear_caches()
-    try:
-        return jax.jit(fn, donate_argnums=donate).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    try:   # on the default backend's device: on a GPU machine the Triton lowering needs a GPU in context
+        with jax.default_device(jax.devices()[0]):
+            return jax.jit(fn, donate_argnums=donate).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     finally:
         core.interpret = saved
         jax.clear_caches()
