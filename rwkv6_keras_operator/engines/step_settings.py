@@ -13,13 +13,14 @@ class StepSettings:
     """How a step kernel cuts the states of B x H heads into programs.
 
     tile:       state elements a program moves, its N x BV tile: BV = min(N, tile // N) value columns, at least
-                min_columns (pieces of BV * 4 bytes of each state row). 2048 gives N = 64 tiles of 64 x 32 (128-byte
-                pieces of each 256-byte state row), two programs a head, next to each other in launch order;
+                min_columns (pieces of BV * 4 bytes of each state row). 4096 gives N = 64 tiles of 64 x 64 (whole
+                256-byte state rows, one program a head, 4 warps), the best geometry of both engines in the
+                benchmark's sweep (benchmarks/serving.py --variants; numbers in benchmarks/RESULTS.md);
     min_columns: the fewest value columns a program takes (64-byte pieces of each row for large N);
     per_thread: state elements a thread holds: num_warps = N * BV / (32 * per_thread), between 1 and 8. 32 floats
                 a thread are eight 16-byte loads in flight per thread, with registers to spare.
     """
-    tile: int = 2048
+    tile: int = 4096
     per_thread: int = 32
     min_columns: int = 16
 

@@ -41,7 +41,7 @@ def settings(request, monkeypatch):
     return request.param
 
 
-GEOMETRIES = [StepSettings(), StepSettings(tile=256, per_thread=8, min_columns=4), StepSettings(tile=4096)]
+GEOMETRIES = [StepSettings(), StepSettings(tile=256, per_thread=8, min_columns=4), StepSettings(tile=2048)]
 
 
 @pytest.mark.parametrize("settings", GEOMETRIES, indirect=True, ids=["default", "narrow", "whole-rows"])
