@@ -49,8 +49,10 @@ def separate_calls(op, x, cu, init_state, state_map, dy, dstate):
     sequence: its start state, whose gradient is the cotangent of its final state)."""
     n = len(cu) - 1
     pool = None if init_state is None else np.reshape(init_state, (-1, H, N, N))
-    index = np.zeros(n, int) if state_map is None and pool is not None and len(pool) == 1 else (
-        np.arange(n) if state_map is None else np.asarray(to_numpy(tensor(state_map)), int))
+    if state_map is not None:
+        index = to_numpy(tensor(state_map)).astype(int)     # sequence i starts from pool[index[i]]
+    else:
+        index = np.zeros(n, int) if pool is not None and len(pool) == 1 else np.arange(n)
     y = np.zeros((1, cu[-1], C))
     states = np.zeros((n, H, N, N))
     grads = {name: np.zeros((1, cu[-1], C)) for name in "rkvw"}
