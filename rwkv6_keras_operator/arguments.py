@@ -8,7 +8,7 @@ The checks of shapes and dtypes run once per signature (the shapes and dtypes of
 `Plan` of what the engine needs done to the arguments, is cached, so a decode loop calling the operator with the
 same shapes again pays for a dict lookup, not for the checks. Values (state_map's range) are checked on every call.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import keras
@@ -216,7 +216,13 @@ def check_bonus(u, H, N):
     return shape_of(u) == (H * N,)
 
 
-def _check_state_map(state_map, B):
+# What the start states are given for: the rows of a batch, or the sequences packed into one row (cu_seqlens);
+# the errors name them: (one of them, several of them, B of them).
+ROWS = ("batch row", "rows", "a batch of {}")
+SEQUENCES = ("sequence", "sequences", "{} sequences")
+
+
+def _check_state_map(state_map, B, unit=ROWS):
     """state_map as a NumPy array (list, tuple, NumPy) or a backend tensor, its dtype and shape checked."""
     if isinstance(state_map, (list, tuple, np.ndarray)):
         state_map = np.asarray(state_map)
@@ -227,16 +233,19 @@ def _check_state_map(state_map, B):
         if "int" not in dtype_name(state_map):
             raise TypeError(f"`state_map` must hold integers; got dtype {dtype_name(state_map)}.")
     if len(state_map.shape) != 1 or (B is not None and state_map.shape[0] not in (None, B)):
-        raise ValueError(f"`state_map` must have shape ({B},) (one index per batch row); got {shape_of(state_map)}.")
+        raise ValueError(f"`state_map` must have shape ({B},) (one index per {unit[0]}); got {shape_of(state_map)}.")
     return state_map
 
 
-def _check_start_state(init_state, state_map, B, H, N):
-    """(how the start states are formed, init_state was (H, N, N), its number of states)."""
+def _check_start_state(init_state, state_map, B, H, N, unit=ROWS):
+    """(how the start states are formed, init_state was (H, N, N), its number of states). B: the number of start
+    states needed (of `unit`: ROWS or SEQUENCES)."""
+    one, several, count = unit
     expected = f"(n, {H}, {N}, {N}) or ({H}, {N}, {N})"
     if init_state is None:
         if state_map is not None:
-            raise ValueError("`state_map` was given without `init_state`: it maps rows to rows of init_state.")
+            raise ValueError(f"`state_map` was given without `init_state`: it maps {several} to states of "
+                             "init_state.")
         return "none", False, None
     _check_float("init_state", init_state, expected)
     shape = shape_of(init_state)
@@ -252,9 +261,9 @@ def _check_start_state(init_state, state_map, B, H, N):
         if n == 1:
             return "shared", rank3, n
         raise ValueError(
-            f"`init_state` holds {n} states for a batch of {B}: pass `state_map` (B ints in [0, {n})) to say "
-            "which state each row starts from, or give 1 state (shared) or B states (one per row).")
-    _check_state_map(state_map, B)
+            f"`init_state` holds {n} states for {count.format(B)}: pass `state_map` ({B} ints in [0, {n})) to say "
+            f"which state each {one} starts from, or give 1 state (shared) or {B} states (one per {one}).")
+    _check_state_map(state_map, B, unit)
     return "mapped", rank3, n
 
 
@@ -319,7 +328,7 @@ def _require(name, x, expected):
     return to_tensor(x)
 
 
-def _start_state(p, init_state, state_map, batch):
+def _start_state(p, init_state, state_map, batch, unit=ROWS):
     """(B, H, N, N) float32 start states, or None for zeros. batch: an int, or a scalar tensor while tracing."""
     if p.state == "none":
         return None
@@ -335,7 +344,7 @@ def _start_state(p, init_state, state_map, batch):
         if is_torch_tensor(states):
             return states.expand(batch, H, N, N)   # a view (the Triton step reads it with a row stride of 0)
         return ops.broadcast_to(states, (batch, H, N, N))
-    state_map = _check_state_map(state_map, p.shape[0])
+    state_map = _check_state_map(state_map, p.shape[0], unit)
     values = state_map if isinstance(state_map, np.ndarray) else known_values(state_map)
     n = p.n_state
     if values is not None and n is not None and values.size and (values.min() < 0 or values.max() >= n):
@@ -379,3 +388,11 @@ def apply(p, r, k, v, w, u, init_state=None, state_map=None, split_heads=True):
         r, k, v, w = reshape(r, heads), reshape(k, heads), reshape(v, heads), reshape(w, heads)
     return Prepared(r, k, v, w, to_float32(reshape(u, (H, N)) if p.u_flat else u),
                     _start_state(p, init_state, state_map, batch), (B, T, C))
+
+
+def sequence_start_states(p, init_state, state_map, n):
+    """(n, H, N, N) float32 start states of n packed sequences, or None for zeros; p: the plan of the inputs (made
+    without start states). init_state holds n states, 1 (shared), or any number with a state_map of n indices."""
+    state, rank3, n_state = _check_start_state(init_state, state_map, n, p.heads, p.head_size, SEQUENCES)
+    sequences = replace(p, shape=(n, *p.shape[1:]), state=state, state_rank3=rank3, n_state=n_state)
+    return _start_state(sequences, init_state, state_map, n, SEQUENCES)

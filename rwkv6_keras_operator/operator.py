@@ -6,8 +6,10 @@ from typing import Any, Sequence
 from keras import ops
 
 from . import engines
-from .arguments import apply, convert, plan, reshape
+from .arguments import apply, convert, plan, reshape, sequence_start_states
+from .engines.portable.varlen import wkv_varlen
 from .pool_arguments import prepare_step
+from .varlen import check_cu_seqlens
 
 TensorLike = Any   # a tensor of the active backend, a NumPy array, or a KerasTensor inside a functional model
 
@@ -25,15 +27,24 @@ class RWKVKernelOperator:
             length limit).
         ops_loop: if True, calls with a single time step (T == 1) run the portable Keras-ops engine.
 
-    Call: `op(r, k, v, w, u, with_state=False, init_state=None, state_map=None) -> (y, state or None)`
+    Call: `op(r, k, v, w, u, with_state=False, init_state=None, state_map=None, cu_seqlens=None)
+           -> (y, state or None)`
         r, k, v, w: (B, T, C), one float dtype (float32, bfloat16 or float16); w is the raw decay parameter.
         u: (H, N) or (C,), any float dtype.
         init_state: (n, H, N, N) or (H, N, N); the start state of each row: n == 1 is shared by all rows,
             n == B gives one per row, any n works with state_map. Used whenever given, also with
             with_state=False. Gradients flow to it.
         state_map: B ints (list, NumPy or backend tensor): row b starts from init_state[state_map[b]].
+        cu_seqlens: packed sequences; n_seq + 1 int offsets (list, NumPy or backend tensor),
+            0 = cu_seqlens[0] <= ... <= cu_seqlens[n_seq] = T, for inputs of batch size B = 1: the T tokens hold
+            n_seq independent sequences, cu_seqlens[i]:cu_seqlens[i + 1] (empty ones allowed). Start states and
+            returned states are then per sequence: init_state holds n_seq states, 1 (shared), or any number
+            with a state_map of n_seq indices. Its length must be known while tracing (a traced tensor works
+            under jax.jit, tf.function, torch.compile); its values are checked when known (eagerly). Such calls
+            run the portable engine on every backend (the GPU engines do not take packed sequences yet).
         Returns y (B, T, C) in the dtype of r, and with_state=True the float32 state after the last step,
-            (B, H, N, N), else None.
+            (B, H, N, N) (with cu_seqlens: (n_seq, H, N, N), each sequence's own; an empty one's is its start
+            state), else None.
 
     Step: `op.step(r, k, v, w, u, pool, slots) -> (y, pool)`: one token for rows whose states live in a pool of
     states (serving many requests, each holding a slot); see `step`.
@@ -50,7 +61,10 @@ class RWKVKernelOperator:
 
     def __call__(self, r: TensorLike, k: TensorLike, v: TensorLike, w: TensorLike, u: TensorLike,
                  with_state: bool = False, init_state: TensorLike | None = None,
-                 state_map: TensorLike | Sequence[int] | None = None) -> tuple[TensorLike, TensorLike | None]:
+                 state_map: TensorLike | Sequence[int] | None = None,
+                 cu_seqlens: TensorLike | Sequence[int] | None = None) -> tuple[TensorLike, TensorLike | None]:
+        if cu_seqlens is not None:
+            return self._packed(r, k, v, w, u, with_state, init_state, state_map, cu_seqlens)
         r, k, v, w, u, init_state, state_map = convert(r, k, v, w, u, init_state, state_map)
         p = plan(self.head_size, r, k, v, w, u, init_state, state_map)
         engine = engines.select(r, self.head_size, self.ops_loop)
@@ -63,6 +77,17 @@ class RWKVKernelOperator:
             y, state = engine.wkv(a.r, a.k, a.v, a.w, a.u, a.s0)
             y = reshape(y, ops.shape(r) if p.shape[0] is None or p.shape[1] is None else p.shape)
         return y, (state if with_state else None)
+
+    def _packed(self, r, k, v, w, u, with_state, init_state, state_map, cu_seqlens):
+        """A call with cu_seqlens: the inputs' plan is made without start states, which are per sequence here."""
+        r, k, v, w, u, init_state, state_map = convert(r, k, v, w, u, init_state, state_map)
+        p = plan(self.head_size, r, k, v, w, u)
+        cu, n = check_cu_seqlens(cu_seqlens, p.shape)
+        s0 = sequence_start_states(p, init_state, state_map, n)
+        a = apply(p, r, k, v, w, u)
+        # The portable engine on every backend: the GPU engines do not take packed sequences yet.
+        y, states = wkv_varlen(a.r, a.k, a.v, a.w, a.u, s0, cu)
+        return reshape(y, p.shape), (states if with_state else None)
 
     def step(self, r: TensorLike, k: TensorLike, v: TensorLike, w: TensorLike, u: TensorLike, pool: TensorLike,
              slots: TensorLike | Sequence[int]) -> tuple[TensorLike, TensorLike]:
