@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from rwkv6_keras_operator import RWKVKernelOperator  # noqa: E402
 from rwkv6_keras_operator import engines  # noqa: E402
 from rwkv6_keras_operator.engines import pallas  # noqa: E402
+from rwkv6_keras_operator.reference import relative_error as rel  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 ON_GPU = jax.default_backend() == "gpu"
@@ -45,11 +46,6 @@ T0 = time.time()
 
 def log(msg):
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def collectives(compiled_text):
