@@ -112,7 +112,7 @@ def pytest_pycollect_makemodule(module_path, parent):
     if reason is None:
         return None
     module = _SkippedModule.from_parent(parent, path=module_path)
-    module.reason = f"{module_path.name}: {reason}"
+    module.reason = f"{module_path.relative_to(parent.config.rootpath)}: {reason}"
     return module
 
 

@@ -1,4 +1,8 @@
 """Shared test helpers: random inputs, errors against the float64 oracle, tolerances."""
+import importlib.util
+import pathlib
+import sys
+
 import keras
 import ml_dtypes
 import numpy as np
@@ -33,6 +37,18 @@ def over_tolerance(errors, tolerance):
     """The entries of `errors` ({result: relative error}, names as in `tolerances`) over their tolerance."""
     return {name: e for name, e in errors.items() if not e <= tolerance[name]}
 BACKEND = keras.backend.backend()
+ROOT = pathlib.Path(__file__).resolve().parent.parent   # the repository
+
+
+def load_script(path):
+    """A script of the repository (path relative to its root, e.g. "benchmarks/shard_jax.py") as a module."""
+    name = pathlib.Path(path).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 def make_inputs(B, T, H, N, seed, decay="normal", n_state=None):
