@@ -90,11 +90,13 @@ def _inputs(head_size, r, k, v, w):
     for name, x in (("r", r), ("k", k), ("v", v), ("w", w)):
         if x is None:
             raise TypeError(f"`{name}` is required: a (batch, time, channels) float tensor; got None.")
+        dtype = _dtype(x) if hasattr(x, "dtype") else None   # as given: jax would make NumPy float64 float32
         x = to_tensor(x)
         if len(x.shape) != 3:
             raise ValueError(f"`{name}` must have shape (batch, time, channels); got shape {tuple(x.shape)}.")
-        if _dtype(x) not in INPUT_DTYPES:
-            raise TypeError(f"`{name}` must be one of {', '.join(INPUT_DTYPES)}; got dtype {_dtype(x)}.")
+        dtype = dtype or _dtype(x)
+        if dtype not in INPUT_DTYPES:
+            raise TypeError(f"`{name}` must be one of {', '.join(INPUT_DTYPES)}; got dtype {dtype}.")
         tensors[name] = x
     shape, dtype = tuple(tensors["r"].shape), _dtype(tensors["r"])
     for name in "kvw":
