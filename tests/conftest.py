@@ -23,11 +23,11 @@ import os
 import secrets
 import zlib
 
-import keras
 import numpy as np
 import pytest
 
-BACKEND = keras.backend.backend()
+from tests.helpers import BACKEND
+
 BACKENDS = ("jax", "torch", "tensorflow")
 _SEED = pytest.StashKey[int]()
 

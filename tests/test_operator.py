@@ -89,7 +89,7 @@ def test_init_state_used_without_with_state(rng):
     assert state is None
     y_ref, _ = wkv_reference(*(x[n] for n in "rkvwu"), N, x["init_state"])
     assert rel_err(to_numpy(y), y_ref) <= FP32_OUT
-    assert rel_err(to_numpy(y), wkv_reference(*(x[n] for n in "rkvwu"), N)[0]) > 1e-3
+    assert 1e-3 < rel_err(to_numpy(y), wkv_reference(*(x[n] for n in "rkvwu"), N)[0]) < np.inf
 
 
 @pytest.mark.parametrize("ops_loop", [False, True])
