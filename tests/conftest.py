@@ -167,13 +167,12 @@ def rng(seed):
     return np.random.default_rng(seed)
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    report = yield
+    report = (yield).get_result()
     if report.failed and "seed" in getattr(item, "funcargs", {}):
         report.sections.append(("random inputs", f"rerun with --seed {item.config.stash[_SEED]} to replay "
                                                  f"(this test's seed: {item.funcargs['seed']})"))
-    return report
 
 
 # --------------------------------------------------------------------------------------------------------- engines
