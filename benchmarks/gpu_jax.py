@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
 from rwkv6_keras_operator.engines import pallas  # noqa: E402
 from rwkv6_keras_operator.engines.pallas import chunked, core, grads, ops, scan  # noqa: E402
+from rwkv6_keras_operator.reference import relative_error as rel  # noqa: E402
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -118,11 +119,6 @@ def timeit_stream(f, *args, n=200):
         out = f(*args)
     jax.block_until_ready(out)
     return (time.perf_counter() - t) / n * 1e3
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def guarded(what):

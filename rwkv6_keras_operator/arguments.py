@@ -325,6 +325,8 @@ def plan(head_size, r, k, v, w, u, init_state=None, state_map=None):
 def _require(name, x, expected):
     if x is None:
         raise TypeError(f"`{name}` is required: {expected}; got None.")
+    if hasattr(x, "dtype") and dtype_name(x) not in INPUT_DTYPES:   # as given: jax would make NumPy float64 float32
+        raise TypeError(f"`{name}` must be one of {', '.join(INPUT_DTYPES)}; got dtype {dtype_name(x)}.")
     return to_tensor(x)
 
 

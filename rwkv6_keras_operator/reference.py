@@ -7,6 +7,8 @@ Per batch row b and head h, with S the (N, N) state, i over keys and j over valu
 
 Every engine is tested against these two functions. They take NumPy-convertible arrays of any float dtype
 (values are used exactly as given, after conversion to float64) and are slow: tests use small shapes.
+`relative_error` is the one measure of a result against them (used by the tests, `check`, the demo and the
+benchmarks).
 """
 import numpy as np
 
@@ -138,3 +140,15 @@ def wkv_reference_varlen_grads(r, k, v, w, u, head_size, cu_seqlens, dy, dstate=
         np.add.at(d_init, index, d_starts)
         grads["init_state"] = d_init.reshape(np.shape(init_state))
     return grads
+def relative_error(got, want):
+    """||got - want|| / ||want||, the relative L2 error of `got` against `want` (the oracle's value), in float64.
+
+    inf where there is no result (got None) or it holds a non-finite value, so that it passes no tolerance."""
+    if got is None:
+        return float("inf")
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise ValueError(f"relative_error: got shape {got.shape}, want shape {want.shape}")
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))

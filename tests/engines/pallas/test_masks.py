@@ -1,18 +1,14 @@
 """The masks of core.py against their entry-by-entry definitions (tests/mask_definitions.py), for every level of a
 chunk, with the level a Python int (unrolled level loops) and a traced int32 (fori_loop)."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rwkv6_keras_operator.engines.pallas import core
 from tests import mask_definitions
-from tests.helpers import BACKEND
 
-if BACKEND != "jax":
-    pytest.skip(f"the Pallas engine runs under the jax backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
-jax = pytest.importorskip("jax")
-pytest.importorskip("jax.experimental.pallas.triton", reason="this jax has no Pallas Triton backend")
-import jax.numpy as jnp  # noqa: E402
-
-from rwkv6_keras_operator.engines.pallas import core  # noqa: E402
+pytestmark = pytest.mark.requires("pallas")
 
 MASKS = {"before": core.before_mask, "after": core.after_mask, "pairs": core.pair_mask,
          "spanned": core.level_mask, "spans": core.span_mask}
