@@ -192,6 +192,9 @@ def gpu_engine(monkeypatch):
     the GPU tests' subject, and float32 products there would follow jax's TF32 default); under torch the Triton
     engine, on a CUDA device, or (TRITON_INTERPRET=1, no device) in the interpreter on CPU tensors, which its
     `supports` is told are on CUDA. None under tensorflow, or where the engine cannot run (see `unmet`)."""
+    from rwkv6_keras_operator import engines
+
+    monkeypatch.setattr(engines, "_CHOSEN", {})   # the operator's engine choices, made afresh for what this allows
     if BACKEND == "jax" and unmet("pallas") is None:
         import jax
 
