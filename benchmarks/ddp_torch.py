@@ -1,6 +1,6 @@
 """torch DDP with the operator: one DDP step on 2 GPUs gives the gradients of one single-GPU step on the whole batch.
 
-On a 2-GPU machine, from the repository root (after `. .gpukit/setup_env.sh` there):
+On a 2-GPU machine, from the repository root (keras on the path: `eval "$(bash scripts/peers.sh env)"`):
     python3 benchmarks/ddp_torch.py                 # spawns 2 processes (NCCL), one per GPU
     torchrun --nproc_per_node=2 benchmarks/ddp_torch.py
 Logic check without GPUs (gloo on CPU; the operator then runs its portable engine):

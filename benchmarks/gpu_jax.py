@@ -1,8 +1,9 @@
 """The Pallas engine on one GPU: correctness against the float64 oracle, then speed, with the peers measured in
 the same run (rwkv-ops 0.11.3's JAX CUDA kernel, and fla 0.6.0 chunk_rwkv6 from torch), each in its own process.
 
-On the GPU machine, from the repository root:
-    . .gpukit/setup_env.sh && python3 benchmarks/gpu_jax.py
+On the GPU machine, from the repository root (the peers installed by scripts/peers.sh; `bash scripts/gpu.sh bench`
+runs this with its environment):
+    eval "$(bash scripts/peers.sh env)" && python3 benchmarks/gpu_jax.py
     PEERS= SHAPES=train VARIANTS= python3 benchmarks/gpu_jax.py        # ours only, one shape, default config
 Env: SHAPES (train, long, decode; comma list), PEERS (triton = this project's torch engine via
      benchmarks/gpu_torch.py, rwkv_ops, fla; comma list, empty for none; default all three),
@@ -12,7 +13,7 @@ Env: SHAPES (train, long, decode; comma list), PEERS (triton = this project's to
      BUDGET (s for the whole script: peers are cut to it, variants skipped past it; they run last),
      SMOKE=1 (tiny shapes: a dry run of the script on CPU with RWKV6_PALLAS_INTERPRET=1).
 Writes $OUT/gpu_jax.json (OUT defaults to /tmp) and prints a table last. bf16 inputs, u float32, random data;
-times are medians of individually synchronised calls (as .gpukit/peers/peer_bench.py times rwkv-ops), and for
+times are medians of individually synchronised calls (as benchmarks/peers/measure.py times rwkv-ops), and for
 decode the mean over 200 back-to-back calls (a single call is shorter than a host round trip).
 """
 import dataclasses
@@ -36,6 +37,7 @@ from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
 from rwkv6_keras_operator.engines import pallas  # noqa: E402
 from rwkv6_keras_operator.engines.pallas import backward, binding, forward, scan  # noqa: E402
 from rwkv6_keras_operator.engines.pallas.settings import Settings  # noqa: E402
+from rwkv6_keras_operator.reference import relative_error as rel  # noqa: E402
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -74,10 +76,7 @@ VARIANT_CONFIGS = {
     "fused-s3": {"state_scan_stages": 3},
     "long-scan16": {"scan_terms_block": 16, "scan_terms_warps": 2, "shape": "long"},   # more programs, plain scan
     "long-scan8": {"scan_terms_block": 8, "scan_terms_warps": 1, "shape": "long"},
-    # decode (timed at the decode shape): value columns per step-by-step program; 64 = whole 256-byte state rows
-    "decode16": {"recurrent_block": 16},
-    "decode64": {"recurrent_block": 64},
-    "decode64-warps4": {"recurrent_block": 64, "recurrent_warps": 4},
+    # the step kernel's launch geometry (decode): benchmarks/serving.py --variants (recurrent.STEP)
 }
 DEFAULT_VARIANTS = "tf32-products,warps8"
 RESULTS = {"date": time.strftime("%Y-%m-%d"), "check": [], "ours": {}, "variants": {}, "kernels": {}, "peers": {},
@@ -123,11 +122,6 @@ def timeit_stream(f, *args, n=200):
         out = f(*args)
     jax.block_until_ready(out)
     return (time.perf_counter() - t) / n * 1e3
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def guarded(what):
@@ -236,7 +230,7 @@ def speed_shapes(shapes):
 
 @guarded("variants")
 def variants(names):
-    """Each configuration at the training shape, or at the decode shape for the decode kernel's settings."""
+    """Each configuration at the training shape (or the shape it names)."""
     for name in names:
         if left() < 60:
             RESULTS["errors"].append({"what": f"variant {name}", "err": "not run: BUDGET spent"})
@@ -245,7 +239,7 @@ def variants(names):
         configure(cfg)
         try:
             log(f"variant {name} {cfg}")
-            shape = cfg.get("shape", "decode" if "recurrent_block" in cfg else "train")
+            shape = cfg.get("shape", "train")
             RESULTS["variants"][name] = {"config": cfg, "shape": shape, **speed(shape, *SHAPES[shape])}
             if shape == "train":   # the same configuration against the oracle (the check runs chunked)
                 check(dtypes=("bfloat16", "float16"), tag=name)
@@ -326,7 +320,7 @@ def peers(which, shapes):
            "SKIP_ACC": "1", "SHAPES": ",".join(PEER_SHAPES[s] for s in shapes if s != "decode"),
            # XLA's pool would leave the peer's own CUDA allocations no room (rwkv-ops at the long shape: OOM)
            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    script = os.path.join(ROOT, ".gpukit", "peers", "peer_bench.py")
+    script = os.path.join(ROOT, "benchmarks", "peers", "measure.py")
     for peer, part in (("rwkv_ops", "jax"), ("fla", "torch")):
         if peer not in which:
             continue

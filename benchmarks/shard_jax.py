@@ -2,7 +2,7 @@
 shard_map written by the user (batch, heads, or both), each compared with the unsharded call.
 
 On a machine with 2+ GPUs (the Pallas kernels compiled), from the repository root:
-    . .gpukit/setup_env.sh && python3 benchmarks/shard_jax.py
+    eval "$(bash scripts/peers.sh env)" && python3 benchmarks/shard_jax.py
 On CPU with virtual devices (the kernels in the Pallas interpreter; what the CI test runs, at SIZE=tiny):
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu RWKV6_PALLAS_INTERPRET=1 \
         python benchmarks/shard_jax.py
@@ -10,9 +10,10 @@ Env: SIZE (tiny | demo; default demo on GPU, tiny on CPU), OUT (where shard_jax.
 PORTABLE=0 (on CPU, skip the same cases with the portable engine, which XLA partitions by itself).
 Prints a table last; exit status 1 if a result differs from the unsharded call or a big input was gathered.
 
-The checks per case: y, the final state and the gradients (r, w, u, init_state) against the same call on one
-device (relative L2 error; equal up to the order of the cross-device sum in du), and the collectives in the
-compiled program (an all-gather would mean the kernels ran on gathered, not sharded, inputs).
+The checks per case: the engine that ran (read from the traced program: the Pallas kernels in it, or none), y, the
+final state and (jit cases) the gradients of all six inputs against the same call on one device (relative L2
+error; equal up to the order of the cross-device sum in du), and the collectives in the compiled program (an
+all-gather would mean the kernels ran on gathered, not sharded, inputs).
 """
 import json
 import os
@@ -32,8 +33,8 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from rwkv6_keras_operator import RWKVKernelOperator  # noqa: E402
-from rwkv6_keras_operator import engines  # noqa: E402
 from rwkv6_keras_operator.engines import pallas  # noqa: E402
+from rwkv6_keras_operator.reference import relative_error as rel  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 ON_GPU = jax.default_backend() == "gpu"
@@ -45,11 +46,6 @@ T0 = time.time()
 
 def log(msg):
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def collectives(compiled_text):
@@ -118,13 +114,15 @@ def docs_example(n_dev):
         ref_s.append(np.asarray(s))
     for name, (y, s) in results.items():
         RESULTS["cases"].append({
-            "case": f"docs shard_map example ({name})", "engine": engine_name(inputs_r[0]),
+            "case": f"docs shard_map example ({name})",
+            "engine": engine_ran(fn, inputs_r, inputs_k, inputs_v, inputs_w, inputs_u),
             "mesh": dict(mesh.shape), "y": rel(y, np.stack(ref_y)), "state": rel(s, np.stack(ref_s)),
             "y_spec": str(y.sharding.spec), "state_spec": str(s.sharding.spec)})
 
 
-def engine_name(r):
-    return engines.select(r, 16, False).NAME
+def engine_ran(fn, *args):
+    """"pallas" if the program of fn(*args) runs the Pallas engine's kernels, else "portable"."""
+    return "pallas" if re.search(r"\bname=wkv6_", str(jax.make_jaxpr(fn)(*args))) else "portable"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,7 +146,7 @@ def sharded_jit(n_dev, case, mesh_shape, specs, engine_label):
         y, s = forward(r, k, v, w, u, init)
         return jnp.sum(y * dy) + jnp.sum(s)
 
-    grad = jax.grad(loss, argnums=(0, 3, 4, 5))
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
     one = jax.devices()[0]
     plain = {n: jax.device_put(a, one) for n, a in host.items()}
     order = ("r", "k", "v", "w", "u", "init")
@@ -162,9 +160,10 @@ def sharded_jit(n_dev, case, mesh_shape, specs, engine_label):
     fwd, bwd = jax.jit(forward), jax.jit(grad)
     y, s = fwd(*args)
     g = bwd(*args)
-    row = {"case": case, "engine": engine_label, "mesh": dict(mesh.shape), "shape": [B, T, H, N],
+    row = {"case": case, "variant": engine_label, "engine": engine_ran(fwd, *args),
+           "grad_engine": engine_ran(bwd, *args), "mesh": dict(mesh.shape), "shape": [B, T, H, N],
            "y": rel(y, want_y), "state": rel(s, want_s),
-           **{f"d{n}": rel(a, b) for n, a, b in zip(("r", "w", "u", "init_state"), g, want_g)},
+           **{f"d{n}": rel(a, b) for n, a, b in zip(GRADS, g, want_g)},
            "y_spec": str(y.sharding.spec), "state_spec": str(s.sharding.spec),
            "forward_collectives": collectives(fwd.lower(*args).compile().as_text()),
            "grad_collectives": collectives(bwd.lower(*args).compile().as_text())}
@@ -185,6 +184,7 @@ def sharded_jit(n_dev, case, mesh_shape, specs, engine_label):
         f"du {row['du']:.1e} gathers {row['forward_collectives']['all-gather']}/{row['grad_collectives']['all-gather']}")
 
 
+GRADS = ("r", "k", "v", "w", "u", "init_state")
 JIT_CASES = {
     # case: (mesh shape from device count, specs of r/k/v/w, u, init)
     "jit, batch sharded": (lambda n: (n,), P("data"), P(), P("data")),
@@ -223,7 +223,7 @@ def main():
     print("\n==== shard_jax", RESULTS["date"], "|", n_dev, "devices:", RESULTS["devices"][0], "...")
     print(f"{'case':38s} {'engine':9s} {'mesh':22s} {'y':>8s} {'state':>8s} {'grads':>8s} gathers")
     for row in RESULTS["cases"]:
-        grads = max((row[k] for k in ("dr", "dw", "du", "dinit_state") if k in row), default=0.0)
+        grads = max((row["d" + n] for n in GRADS if "d" + n in row), default=0.0)
         gathers = (row["forward_collectives"]["all-gather"] + row["grad_collectives"]["all-gather"]
                    if "forward_collectives" in row else 0)
         # Equal results everywhere; no gathered input for the Pallas engine (the portable engine is partitioned by

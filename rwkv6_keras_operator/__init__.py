@@ -8,6 +8,8 @@ import importlib.util
 import os
 import sys
 
+__version__ = "2.0.0.dev0"   # the package's one version (pyproject.toml reads it from here)
+
 
 def _settle_backend():
     """Runs before Keras is imported (import this package first for it to apply).
@@ -35,5 +37,4 @@ _settle_backend()
 from .layer import RWKVKernelLayer  # noqa: E402
 from .operator import RWKVKernelOperator  # noqa: E402
 
-__version__ = "2.0.0.dev0"
 __all__ = ["RWKVKernelLayer", "RWKVKernelOperator", "__version__"]

@@ -7,6 +7,8 @@ Per batch row b and head h, with S the (N, N) state, i over keys and j over valu
 
 Every engine is tested against these two functions. They take NumPy-convertible arrays of any float dtype
 (values are used exactly as given, after conversion to float64) and are slow: tests use small shapes.
+`relative_error` is the one measure of a result against them (used by the tests, `check`, the demo and the
+benchmarks).
 """
 import numpy as np
 
@@ -85,3 +87,68 @@ def wkv_reference_grads(r, k, v, w, u, head_size, dy, dstate=None, init_state=No
     C = H * N
     return {"r": dr.reshape(B, T, C), "k": dk.reshape(B, T, C), "v": dv.reshape(B, T, C),
             "w": dw.reshape(B, T, C), "u": du.reshape(u_shape), "init_state": d_init}
+
+
+def _sequence_starts(init_state, state_map, n, H, N):
+    """The start state of each of n packed sequences (n, H, N, N) and the index into init_state of each."""
+    if init_state is None:
+        return np.zeros((n, H, N, N)), None
+    count = np.asarray(init_state).reshape(-1, H, N, N).shape[0]
+    index = np.asarray(state_map) if state_map is not None else np.zeros(n, np.int64) if count == 1 else np.arange(n)
+    return _start_states(init_state, index, n, H, N), index
+
+
+def wkv_reference_varlen(r, k, v, w, u, head_size, cu_seqlens, init_state=None, state_map=None):
+    """Packed sequences: r, k, v, w (1, T, C) hold n sequences, cu_seqlens[i]:cu_seqlens[i + 1] (n + 1 offsets).
+
+    The oracle applied to each sequence alone, from its start state (init_state with n states, 1 shared, or any
+    number with a state_map of n indices). Returns y (1, T, C) and the n final states (n, H, N, N), float64; an
+    empty sequence's final state is its start state."""
+    cu = [int(c) for c in np.asarray(cu_seqlens)]
+    H = np.shape(r)[-1] // head_size
+    starts, _ = _sequence_starts(init_state, state_map, len(cu) - 1, H, head_size)
+    y = np.zeros(np.shape(r))
+    states = np.empty_like(starts)
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        y[:, a:b], states[i] = wkv_reference(*(np.asarray(x)[:, a:b] for x in (r, k, v, w)), u, head_size,
+                                             starts[i:i + 1])
+    return y, states
+
+
+def wkv_reference_varlen_grads(r, k, v, w, u, head_size, cu_seqlens, dy, dstate=None, init_state=None,
+                               state_map=None):
+    """Gradients of sum(y * dy) + sum(states * dstate) for packed sequences (see wkv_reference_varlen), float64.
+
+    Returns the dict of wkv_reference_grads: r, k, v, w (1, T, C), u, and init_state (in the shape it was given;
+    sequences that share a start state add up) or None."""
+    cu = [int(c) for c in np.asarray(cu_seqlens)]
+    n, H, N = len(cu) - 1, np.shape(r)[-1] // head_size, head_size
+    starts, index = _sequence_starts(init_state, state_map, n, H, N)
+    grads = {name: np.zeros(np.shape(r)) for name in "rkvw"}
+    grads["u"] = np.zeros(np.shape(u))
+    d_starts = np.empty_like(starts)
+    for i, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        part = wkv_reference_grads(*(np.asarray(x)[:, a:b] for x in (r, k, v, w)), u, N, np.asarray(dy)[:, a:b],
+                                   None if dstate is None else np.asarray(dstate)[i:i + 1], starts[i:i + 1])
+        for name in "rkvw":
+            grads[name][:, a:b] = part[name]
+        grads["u"] += part["u"]
+        d_starts[i] = part["init_state"][0]
+    grads["init_state"] = None
+    if init_state is not None:
+        d_init = np.zeros((np.asarray(init_state).reshape(-1, H, N, N).shape[0], H, N, N))
+        np.add.at(d_init, index, d_starts)
+        grads["init_state"] = d_init.reshape(np.shape(init_state))
+    return grads
+def relative_error(got, want):
+    """||got - want|| / ||want||, the relative L2 error of `got` against `want` (the oracle's value), in float64.
+
+    inf where there is no result (got None) or it holds a non-finite value, so that it passes no tolerance."""
+    if got is None:
+        return float("inf")
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise ValueError(f"relative_error: got shape {got.shape}, want shape {want.shape}")
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))

@@ -4,14 +4,20 @@
 #
 #   bash scripts/gpu.sh tests    # the whole torch suite (Triton engine) and the whole jax suite (Pallas engine)
 #   bash scripts/gpu.sh bench    # benchmarks/gpu_jax.py: Pallas, then the Triton engine, rwkv-ops and fla, same run
+#   bash scripts/gpu.sh compare  # benchmarks/peers/compare.py: this project, fla, rwkv-ops and 1.0.5, each through
+#                                # its public API, one process each
 #   bash scripts/gpu.sh multi    # 2+ GPUs: benchmarks/ddp_torch.py (torch DDP), benchmarks/shard_jax.py (or: ddp, shard)
+#   bash scripts/gpu.sh serving  # benchmarks/serving.py: decode through the operator, B=4096 against copy, the pool
+#   bash scripts/gpu.sh models   # benchmarks/models_e2e.py: the RWKV-6 169M model, training step and generation
 #   bash scripts/gpu.sh tests multi bench                                      # stages run in the order given
 #
-# On the lent machines of this workplace, first `. .gpukit/setup_env.sh` (keras wheels, writable caches, the peers
-# on $PEER_PYTHONPATH). Each step logs to NAME.log and writes its files under NAME/; all of it comes back packed in
-# $OUT/results.tgz (OUT default /tmp/gpu-out). Each step has its own time limit, so that one slow step cannot take
-# the others' results with it. fla autotunes its kernels on first use (minutes):
-# the tuned choices (Triton's *.autotune.json) are packed into autotune.tgz, and a later call that finds
+# The peers (and keras, where the machine lacks it) come from scripts/peers.sh: `bash scripts/peers.sh download`
+# where PyPI is reachable puts their pinned wheels in .peers/wheels/; this script installs them from there (with no
+# index; or from PyPI where there are no wheels) into .peers/, the peers off the default import path. Caches that
+# are not writable (Triton fails without one) are moved to /tmp. Each step logs to NAME.log and writes its files
+# under NAME/; all of it comes back packed in $OUT/results.tgz (OUT default /tmp/gpu-out). Each step has its own
+# time limit, so that one slow step cannot take the others' results with it. fla autotunes its kernels on first use
+# (minutes): the tuned choices (Triton's *.autotune.json) are packed into autotune.tgz, and a later call that finds
 # .tcache/autotune.tgz restores them, so fla is timed with its own tuned kernels without tuning again.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -20,6 +26,16 @@ mkdir -p "$OUT" "$LOGS"
 trap 'tar -czf "$OUT/results.tgz" -C "$LOGS" . && cp "$LOGS"/*.log "$OUT"/ 2>/dev/null' EXIT
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+writable() { mkdir -p "$1" 2>/dev/null && touch "$1/.writable" 2>/dev/null && rm -f "$1/.writable"; }
+home=${HOME:-/nonexistent}
+if ! writable "${TRITON_CACHE_DIR:-$home/.triton/cache}" || ! writable "${XDG_CACHE_HOME:-$home/.cache}"; then
+  export HOME=/tmp/home TRITON_CACHE_DIR=/tmp/triton-cache TORCH_EXTENSIONS_DIR=/tmp/torch-ext XDG_CACHE_HOME=/tmp/xdg
+  mkdir -p "$HOME" "$TRITON_CACHE_DIR" "$TORCH_EXTENSIONS_DIR" "$XDG_CACHE_HOME"
+  echo "caches moved to /tmp (the default ones are not writable)"
+fi
+bash scripts/peers.sh install ||
+  echo "WARNING: scripts/peers.sh install failed: no peers (bash scripts/peers.sh download, where PyPI is reachable)"
+eval "$(bash scripts/peers.sh env)"
 CACHE=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 mkdir -p "$CACHE"
 [ -f .tcache/autotune.tgz ] && tar -xzf .tcache/autotune.tgz -C "$CACHE" && echo "restored fla's autotune choices"
@@ -62,12 +78,24 @@ for stage in "$@"; do
       step bench "${BENCH_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 KERAS_BACKEND=jax \
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 BUDGET=$(( ${BENCH_LIMIT:-560} - 20 )) python3 benchmarks/gpu_jax.py
       pack_autotune ;;
+    compare) step compare "${COMPARE_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 BUDGET=$(( ${COMPARE_LIMIT:-560} - 20 )) \
+        python3 benchmarks/peers/compare.py
+      pack_autotune ;;
+    serving)   # one process per backend (GPU 0); fla from $PEER_PYTHONPATH in the torch one
+      step serving_torch "${SERVING_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 \
+        python3 benchmarks/serving.py --backend torch --variants
+      step serving_jax "${SERVING_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 \
+        python3 benchmarks/serving.py --backend jax --variants ;;
+    models)    # torch + operator, torch + fla chunk_rwkv6, jax + operator: one process each (GPU 0)
+      step models_e2e "${MODELS_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 \
+        python3 benchmarks/models_e2e.py --timeout $(( (${MODELS_LIMIT:-560} - 20) / 3 ))
+      pack_autotune ;;
     ddp) step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py ;;
     shard) step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
     multi)
       step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py
       step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
-    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, multi = ddp + shard)" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, compare, serving, models, multi = ddp + shard)" >&2; exit 2 ;;
   esac
 done
 exit $status

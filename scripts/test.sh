@@ -14,10 +14,11 @@ fi
 echo "== installing test dependencies into $VENV"
 # torch==2.13.0: a CPU wheel (on this project's machines it is on local disk; plain `torch` would pull a CUDA
 # build of several GB). triton: the interpreter runs the GPU kernels on CPU tensors. jax: newest for this
-# Python (0.10.2 on Python 3.11). matplotlib: the bench command's plot is tested too.
+# Python (0.10.2 on Python 3.11). matplotlib: the bench command's plot is tested too. rwkv: BlinkDL's official
+# runtime, the oracle of tests/models (pure Python on torch); safetensors: the models' second checkpoint format.
 "$VENV/bin/python" -m pip install -q --upgrade pip || exit 1
 "$VENV/bin/python" -m pip install -q "torch==2.13.0" "triton>=3.2" "jax[cpu]" "tensorflow-cpu>=2.16" \
-  "keras>=3.6" "pytest>=8" pytest-xdist ml_dtypes matplotlib -e . || exit 1
+  "keras>=3.6" "pytest>=8" pytest-xdist ml_dtypes matplotlib "rwkv==0.8.32" safetensors -e . || exit 1
 # (versions from package metadata: importing jaxlib's Triton lowering and triton in one process aborts)
 "$VENV/bin/python" -c "from importlib.metadata import version as v; print(' | '.join(f'{p} {v(p)}' for p in ('jax', 'torch', 'tensorflow-cpu', 'keras', 'triton')))"
 

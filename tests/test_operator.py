@@ -3,13 +3,14 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
-from rwkv6_keras_operator import RWKVKernelOperator
+from rwkv6_keras_operator import RWKVKernelOperator, engines
 from rwkv6_keras_operator.autodiff import vjp
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
 from tests.helpers import BACKEND, FP32_GRAD, FP32_OUT, make_inputs, rel_err, to_numpy
@@ -26,9 +27,14 @@ def call(op, x, **kw):
     return op(*(tensor(x[n]) for n in "rkvw"), tensor(x["u"]), **kw)
 
 
+def gpu_or_portable(gpu_engine):
+    """The NAME of the engine the operator takes for inputs the GPU engine accepts."""
+    return "portable" if gpu_engine is None else gpu_engine.NAME
+
+
 @pytest.mark.parametrize("u_shape", ["(H, N)", "(C,)"])
-def test_u_in_both_shapes(u_shape):
-    x = make_inputs(B, T, H, N, None, decay="strong")
+def test_u_in_both_shapes(u_shape, rng):
+    x = make_inputs(B, T, H, N, rng, decay="strong")
     u = x["u"] if u_shape == "(H, N)" else x["u"].reshape(C)
     y, state = RWKVKernelOperator(N, 4096)(*(tensor(x[n]) for n in "rkvw"), tensor(u))
     assert state is None
@@ -49,11 +55,10 @@ STATE_FORMS = {
 
 
 @pytest.mark.parametrize("form", list(STATE_FORMS))
-def test_state_forms_values_and_gradients(form):
+def test_state_forms_values_and_gradients(form, rng):
     """y, the final state and every gradient (init_state summed over rows sharing an index) vs the oracle."""
-    x = make_inputs(B, T, H, N, None, decay="masks", n_state=5)
+    x = make_inputs(B, T, H, N, rng, decay="masks", n_state=5)
     init_state, state_map, ref_state, ref_map = STATE_FORMS[form](x["init_state"])
-    rng = np.random.default_rng()
     dy = rng.standard_normal((B, T, C)).astype(np.float32)
     dstate = rng.standard_normal((B, H, N, N)).astype(np.float32)
     op = RWKVKernelOperator(N, 16)  # shorter than T: max_sequence_length limits nothing
@@ -76,20 +81,22 @@ def test_state_forms_values_and_gradients(form):
         assert rel_err(g, want) <= FP32_GRAD, name
 
 
-def test_init_state_used_without_with_state():
+def test_init_state_used_without_with_state(rng):
     """State tuning: init_state with with_state=False changes y (and is not ignored)."""
-    x = make_inputs(B, T, H, N, None, n_state=1)
+    x = make_inputs(B, T, H, N, rng, n_state=1)
     op = RWKVKernelOperator(N, T)
     y, state = call(op, x, init_state=tensor(x["init_state"]))
     assert state is None
     y_ref, _ = wkv_reference(*(x[n] for n in "rkvwu"), N, x["init_state"])
     assert rel_err(to_numpy(y), y_ref) <= FP32_OUT
-    assert rel_err(to_numpy(y), wkv_reference(*(x[n] for n in "rkvwu"), N)[0]) > 1e-3
+    assert 1e-3 < rel_err(to_numpy(y), wkv_reference(*(x[n] for n in "rkvwu"), N)[0]) < np.inf
 
 
 @pytest.mark.parametrize("ops_loop", [False, True])
-def test_stepping_one_token_at_a_time_equals_the_full_sequence(ops_loop):
-    x = make_inputs(2, 12, H, N, None, decay="masks", n_state=2)
+def test_stepping_one_token_at_a_time_equals_the_full_sequence(ops_loop, gpu_engine, chosen_engines, rng):
+    """With the backend's GPU engine selectable (conftest.gpu_engine), the full sequence runs on it, and the steps
+    (T = 1) on the portable engine with ops_loop=True, on the GPU engine without: both agree with the full call."""
+    x = make_inputs(2, 12, H, N, rng, decay="masks", n_state=2)
     op = RWKVKernelOperator(N, 12, ops_loop=ops_loop)
     y_full, s_full = call(op, x, with_state=True, init_state=tensor(x["init_state"]))
     state, ys = tensor(x["init_state"]), []
@@ -99,10 +106,12 @@ def test_stepping_one_token_at_a_time_equals_the_full_sequence(ops_loop):
         ys.append(to_numpy(y_t))
     assert rel_err(np.concatenate(ys, axis=1), to_numpy(y_full)) <= FP32_OUT
     assert rel_err(to_numpy(state), to_numpy(s_full)) <= FP32_OUT
+    step = "portable" if ops_loop else gpu_or_portable(gpu_engine)
+    assert chosen_engines == [gpu_or_portable(gpu_engine)] + [step] * 12
 
 
-def test_prefill_then_continue_equals_the_full_sequence():
-    x = make_inputs(2, 50, H, N, None, decay="strong")
+def test_prefill_then_continue_equals_the_full_sequence(rng):
+    x = make_inputs(2, 50, H, N, rng, decay="strong")
     op = RWKVKernelOperator(N, 50)
     y_full, s_full = call(op, x, with_state=True)
     first = {n: x[n][:, :33] for n in "rkvw"}
@@ -114,25 +123,28 @@ def test_prefill_then_continue_equals_the_full_sequence():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_output_dtype_follows_r_and_state_is_float32(dtype):
-    x = make_inputs(2, 9, H, N, None, n_state=1)
+def test_output_dtype_follows_r_and_state_is_float32(dtype, rng):
+    x = make_inputs(2, 9, H, N, rng, n_state=1)
     y, state = RWKVKernelOperator(N, 9)(*(tensor(x[n], dtype) for n in "rkvw"), tensor(x["u"], dtype),
                                          with_state=True, init_state=tensor(x["init_state"], dtype))
     assert keras.backend.standardize_dtype(y.dtype) == dtype and tuple(y.shape) == (2, 9, C)
     assert keras.backend.standardize_dtype(state.dtype) == "float32" and tuple(state.shape) == (2, H, N, N)
 
 
-def test_two_operators_of_different_head_sizes_coexist():
-    x = make_inputs(2, 20, 2, 32, None, decay="strong")
+def test_operators_of_different_head_sizes_coexist(gpu_engine, chosen_engines, rng):
+    """Operators of head sizes 32, 16 and 64 in one process, on the backend's GPU engine where one is selectable
+    (each head size its own kernels), each against the oracle."""
+    x = make_inputs(2, 20, 2, 32, rng, decay="strong")
     for head_size in (32, 16, 64):
         y, _ = call(RWKVKernelOperator(head_size, 20), {**x, "u": x["u"].reshape(-1)})
         want = wkv_reference(*(x[n] for n in "rkvw"), x["u"].reshape(-1), head_size)[0]
         assert rel_err(to_numpy(y), want) <= FP32_OUT, head_size
+    assert chosen_engines == [gpu_or_portable(gpu_engine)] * 3
 
 
-def test_calls_from_several_threads():
+def test_calls_from_several_threads(rng):
     op = RWKVKernelOperator(N, 64)
-    cases = [make_inputs(2, 10 + 7 * i, H, N, None, decay="masks", n_state=2) for i in range(6)]
+    cases = [make_inputs(2, 10 + 7 * i, H, N, rng, decay="masks", n_state=2) for i in range(6)]
 
     def run(x):
         y, s = call(op, x, with_state=True, init_state=tensor(x["init_state"]))
@@ -145,18 +157,18 @@ def test_calls_from_several_threads():
         assert rel_err(y, y_ref) <= FP32_OUT and rel_err(s, s_ref) <= FP32_OUT
 
 
-def test_compiled_forward_and_gradients():
-    """jax.jit(jax.grad), tf.function(jit_compile=True) with a tape, torch autograd under torch.compile-free
-    eager mode: all give the oracle's gradients."""
-    x = make_inputs(2, 45, H, N, None, decay="masks", n_state=2)
-    rng = np.random.default_rng()
+def test_compiled_forward_and_gradients(rng):
+    """jax.jit(jax.grad), tf.function(jit_compile=True) with a tape, torch.compile(fullgraph=True) (AOTAutograd
+    traces the backward too; the "aot_eager" backend needs no C++ compiler): all give the oracle's gradients."""
+    x = make_inputs(2, 45, H, N, rng, decay="masks", n_state=2)
     dy = rng.standard_normal((2, 45, C)).astype(np.float32)
     op = RWKVKernelOperator(N, 45)
     args = [tensor(x[n]) for n in "rkvwu"] + [tensor(x["init_state"])]
+    dy_tensor = tensor(dy)
 
     def loss(r, k, v, w, u, s):
         y, state = op(r, k, v, w, u, with_state=True, init_state=s)
-        return ops.sum(y * tensor(dy)) + ops.sum(state)
+        return ops.sum(y * dy_tensor) + ops.sum(state)
 
     if BACKEND == "jax":
         import jax
@@ -174,20 +186,23 @@ def test_compiled_forward_and_gradients():
 
         grads = grad_fn(*args)
     else:
+        import torch
+
+        torch._dynamo.reset()
         args = [a.requires_grad_(True) for a in args]
-        loss(*args).backward()
+        torch.compile(loss, backend="aot_eager", fullgraph=True)(*args).backward()
         grads = [a.grad for a in args]
     g_ref = wkv_reference_grads(*(x[n] for n in "rkvwu"), N, dy, np.ones((2, H, N, N)), x["init_state"])
     for name, g in zip(["r", "k", "v", "w", "u", "init_state"], grads):
         assert rel_err(to_numpy(g), g_ref[name]) <= FP32_GRAD, name
 
 
-def test_tf_function_with_unknown_batch_and_time():
-    if BACKEND != "tensorflow":
-        pytest.skip("tensorflow-only: graph tracing with None batch and time dimensions")
+@pytest.mark.requires("tensorflow")
+def test_tf_function_with_unknown_batch_and_time(rng):
+    """Graph tracing with None batch and time dimensions."""
     import tensorflow as tf
 
-    x = make_inputs(2, 11, H, N, None, n_state=1)
+    x = make_inputs(2, 11, H, N, rng, n_state=1)
     op = RWKVKernelOperator(N, 11)
     spec = tf.TensorSpec((None, None, C), tf.float32)  # batch and time unknown while tracing
     f = tf.function(lambda r, k, v, w: op(r, k, v, w, tensor(x["u"]), init_state=tensor(x["init_state"]))[0],
@@ -196,21 +211,84 @@ def test_tf_function_with_unknown_batch_and_time():
     assert rel_err(to_numpy(y), wkv_reference(*(x[n] for n in "rkvwu"), N, x["init_state"])[0]) <= FP32_OUT
 
 
+# head sizes each GPU engine takes (README, "Engines")
+HEAD_SIZES = {"triton": (16, 32, 64, 128), "pallas": (16, 32, 64, 128, 256)}
+
+
+def test_engine_selection(gpu_engine, monkeypatch):
+    """engines.select on inputs the backend's GPU engine takes (made selectable here by conftest.gpu_engine): the
+    GPU engine for every input dtype and head size it takes, with ops_loop for T > 1 and without it for T == 1;
+    the portable engine for ops_loop with T == 1, for a head size or dtype it does not take (a head size warns
+    once), and for everything under OPS_KERNEL. Under tensorflow (no GPU engine) portable throughout."""
+    gpu = gpu_or_portable(gpu_engine)
+
+    def chosen(T=5, head_size=16, dtype="float32", ops_loop=False):
+        return engines.select(ops.zeros((2, T, 2, head_size), dtype), head_size, ops_loop).NAME
+
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert chosen(dtype=dtype) == gpu, dtype
+    for head_size in (16, 32, 64, 128, 256):
+        want = gpu if gpu == "portable" or head_size in HEAD_SIZES[gpu] else "portable"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert chosen(head_size=head_size) == want, head_size
+    assert chosen(T=1) == gpu
+    assert chosen(T=5, ops_loop=True) == gpu
+    assert chosen(T=1, ops_loop=True) == "portable"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert engines.select(np.zeros((2, 5, 2, 16), np.float64), 16, False).NAME == "portable"   # (NumPy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert chosen(head_size=40) == chosen(head_size=40) == "portable"
+    assert len([w for w in caught if "40" in str(w.message)]) == (gpu != "portable"), [str(w.message) for w in caught]
+    monkeypatch.setattr(engines, "FORCE_PORTABLE", True)   # OPS_KERNEL=1 (read at import: see the next test)
+    for dtype in ("float32", "bfloat16"):
+        assert chosen(dtype=dtype) == chosen(T=1, dtype=dtype) == "portable"
+
+
+@pytest.mark.parametrize("with_init", [True, False], ids=["init_state", "no init_state"])
+def test_loss_on_y_alone(with_init, gpu_engine, chosen_engines, rng):
+    """The usual training call, with_state=False and a loss on y alone, on the backend's GPU engine where one is
+    selectable: every gradient against the oracle's with no state term, over three chunks (the last partial) of
+    either GPU engine (32 steps), with and without init_state."""
+    B_, T_ = 2, 70
+    x = make_inputs(B_, T_, H, N, rng, decay="masks", n_state=B_)
+    dy = rng.standard_normal((B_, T_, C)).astype(np.float32)
+    op = RWKVKernelOperator(N, T_)
+    init = x["init_state"] if with_init else None
+    args = [tensor(x[n]) for n in "rkvwu"] + ([tensor(init)] if with_init else [])
+
+    def fn(r, k, v, w, u, s=None):
+        y, state = op(r, k, v, w, u, init_state=s)
+        assert state is None
+        return (y,)
+
+    (y,), grads = vjp(fn, args, [dy])
+    assert chosen_engines == [gpu_or_portable(gpu_engine)]
+    y_ref, _ = wkv_reference(*(x[n] for n in "rkvwu"), N, init)
+    g_ref = wkv_reference_grads(*(x[n] for n in "rkvwu"), N, dy, None, init)
+    assert rel_err(y, y_ref) <= FP32_OUT
+    for name, g in zip(["r", "k", "v", "w", "u", "init_state"], grads):
+        assert rel_err(g, g_ref[name]) <= FP32_GRAD, name
+
+
 def _run_python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env})
 
 
 def test_ops_kernel_env_forces_the_portable_engine():
-    code = ("import rwkv6_keras_operator.engines as e, numpy as np; "
-            "print(e.FORCE_PORTABLE, e.select(np.zeros((1, 5, 4)), 4, False).NAME)")
-    assert _run_python(code, OPS_KERNEL="1").stdout.split() == ["True", "portable"]
-    assert _run_python(code, OPS_KERNEL="0").stdout.split()[0] == "False"
+    """OPS_KERNEL is read at import (what it then does to the selection: test_engine_selection)."""
+    code = "import rwkv6_keras_operator.engines as e; print(e.FORCE_PORTABLE)"
+    for value, forced in (("1", "True"), ("0", "False")):
+        out = _run_python(code, OPS_KERNEL=value)
+        assert out.stdout.split() == [forced], (value, out.stderr[-2000:])
 
 
+@pytest.mark.requires("torch")
 def test_pytorch_spelling_of_the_backend():
-    if BACKEND != "torch":
-        pytest.skip("needs torch installed; runs in the torch pass of the suite")
+    """KERAS_BACKEND=pytorch works as torch (in the torch pass of the suite: it needs torch installed)."""
     out = _run_python("import rwkv6_keras_operator, keras; print(keras.backend.backend())", KERAS_BACKEND="pytorch")
     assert out.stdout.strip() == "torch", out.stderr[-2000:]
 
@@ -247,6 +325,14 @@ BAD = {
     "state_map floats": (dict(init_state=np.zeros((3, H, N, N), np.float32), state_map=[0.0, 1.0]),
                          TypeError, "integers"),
     "state_map without init_state": (dict(state_map=[0, 0]), ValueError, "init_state"),
+    "T = 0": ({n: np.zeros((2, 0, C), np.float32) for n in "rkvw"}, ValueError, "at least one time step"),
+    **{f"{n} missing": ({n: None}, TypeError, f"`{n}` is required") for n in "rkvw"},
+    "float64 inputs": ({n: np.zeros((2, 5, C), np.float64) for n in "rkvw"}, TypeError, "got dtype float64"),
+    "u integer": (dict(u=np.zeros((H, N), np.int32)), TypeError, "`u`"),
+    "state_map float tensor": (dict(init_state=np.zeros((3, H, N, N), np.float32),
+                                    state_map=tensor(np.array([0.0, 1.0], np.float32))), TypeError, "integers"),
+    "state_map 2-D": (dict(init_state=np.zeros((3, H, N, N), np.float32), state_map=np.zeros((2, 1), np.int32)),
+                      ValueError, "`state_map` must have shape (2,)"),
 }
 
 
@@ -263,7 +349,7 @@ def test_state_map_tensor_out_of_range_is_caught_eagerly():
         bad_call(init_state=np.zeros((3, H, N, N), np.float32), state_map=tensor(np.array([0, 7], np.int32)))
 
 
-@pytest.mark.parametrize("head_size", [0, -4, 2.5, "64"])
+@pytest.mark.parametrize("head_size", [0, -4, 2.5, "64", True])
 def test_bad_head_size(head_size):
     with pytest.raises(ValueError, match="head_size"):
         RWKVKernelOperator(head_size, 16)

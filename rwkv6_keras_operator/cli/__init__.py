@@ -1,18 +1,25 @@
-"""Command line: python -m rwkv6_keras_operator {check,...} [--help]."""
+"""Command line: `rwkv6-keras-operator COMMAND` (the console script) or `python -m rwkv6_keras_operator COMMAND`."""
 import argparse
 import importlib
+import os
+import sys
+
+from .. import __version__
 
 # command name -> module exposing DESCRIPTION, add_arguments(parser) and run(args) -> exit code
 COMMANDS = {
     "check": "rwkv6_keras_operator.cli.check",
     "demo": "rwkv6_keras_operator.cli.demo",
     "bench": "rwkv6_keras_operator.cli.bench",
+    "generate": "rwkv6_keras_operator.cli.generate",
 }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m rwkv6_keras_operator",
-                                     description="The RWKV6 WKV operator for Keras 3.")
+    console_script = os.path.splitext(os.path.basename(sys.argv[0]))[0] == "rwkv6-keras-operator"
+    prog = "rwkv6-keras-operator" if console_script else "python -m rwkv6_keras_operator"
+    parser = argparse.ArgumentParser(prog=prog, description="The RWKV6 WKV operator for Keras 3.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
     for name, module_name in COMMANDS.items():

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from ..reference import relative_error
 from .model import RWKV6LM
 
 
@@ -89,11 +90,6 @@ def generate(model, prompt_ids, n_new, temperature=0.7, seed=0):
     return out
 
 
-def rel_l2(got, want):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
 def consistency(model, ids, prefill):
     """The operator's state carries everything: three ways to compute the logits of `ids` agree.
 
@@ -113,8 +109,8 @@ def consistency(model, ids, prefill):
         logits, prefill_state = step(model, token, prefill_state)
         continued.append(logits)
     wkv = lambda s: np.concatenate([np.ravel(block[1]) for block in s])  # noqa: E731
-    return {"stepwise": rel_l2(stepwise, full), "prefill": rel_l2(continued, full),
-            "state": rel_l2(wkv(state), wkv(full_state))}
+    return {"stepwise": relative_error(stepwise, full), "prefill": relative_error(continued, full),
+            "state": relative_error(wkv(state), wkv(full_state))}
 
 
 def nats_to_bits(nats):

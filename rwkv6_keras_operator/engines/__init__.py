@@ -4,6 +4,14 @@ An engine is a sub-package here that satisfies the `Engine` protocol below; test
 every engine that can run on the machine against it. Engines are imported only when their backend is the active
 one. What all engines share (the clamp of w, the chunk length rule, the precisions) is in shared.py; the layout of
 the two GPU engines, file by file, in docs/engines.md.
+
+Optional, for one token a row (the operator uses them where an engine has them):
+
+    decode(r, k, v, w, u, s0) -> (y, state)                  # r, k, v, w: (B, 1, C); y (B, 1, C); as wkv
+    pool_step(r, k, v, w, u, pool, slots) -> (y, pool)       # RWKVKernelOperator.step, without gradients
+
+pool_step: r, k, v, w (B, C) or (B, 1, C), y in r's shape; pool (n, H, N, N) float32; slots (B,) distinct ints, a
+backend tensor on the pool's device; advances the states pool[slots] by one token (in place under torch).
 """
 import importlib
 import os
@@ -40,6 +48,7 @@ FORCE_PORTABLE = os.environ.get("OPS_KERNEL", "0").strip().lower() in ("1", "tru
 
 # GPU engines in order of preference, per backend: (backend, module under this package).
 GPU_ENGINES = (("torch", "triton"), ("jax", "pallas"))
+_TORCH = keras.backend.backend() == "torch"   # the backend is fixed once keras is imported
 
 
 def _engine(name):
@@ -69,14 +78,40 @@ def available():
     return [*gpu_engines(), portable_engine()]
 
 
-def select(r, head_size, ops_loop):
-    """The engine for one call: OPS_KERNEL and ops_loop (for T == 1) pick the portable engine."""
-    if FORCE_PORTABLE or (ops_loop and r.shape[1] == 1):
-        return portable_engine()
+def _choose(r, head_size):
     for engine in gpu_engines():
         if engine.supports(r, head_size):
             return engine
     return portable_engine()
+
+
+# The engine chosen for torch tensors of one device and dtype and a head size (all that `supports` looks at).
+_CHOSEN = {}
+
+
+def _choice_key(r, head_size):
+    """The key of _CHOSEN for r, or None where the choice is made every call (other backends, whose arrays or
+    tracers say less cheaply where they live, and torch.compile, which traces this function)."""
+    if not _TORCH:
+        return None
+    import torch
+
+    if not isinstance(r, torch.Tensor) or torch.compiler.is_compiling():
+        return None
+    return r.device, r.dtype, head_size
+
+
+def select(r, head_size, ops_loop):
+    """The engine for one call: OPS_KERNEL and ops_loop (for T == 1) pick the portable engine."""
+    if FORCE_PORTABLE or (ops_loop and r.shape[1] == 1):
+        return portable_engine()
+    key = _choice_key(r, head_size)
+    if key is None:
+        return _choose(r, head_size)
+    engine = _CHOSEN.get(key)
+    if engine is None:
+        engine = _CHOSEN[key] = _choose(r, head_size)
+    return engine
 
 
 def _import_active_engines():

@@ -66,8 +66,33 @@ def supports(r, head_size):
         return common.on_gpu()
 
 
+def _traced(x):
+    """x is a tracer: the call is part of a caller's jitted program, where the state may be updated in place."""
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
+
+
 def wkv(r, k, v, w, u, s0):
     """y (B, T, H, N) in r's dtype and the float32 state after the last step (B, H, N, N)."""
     from .binding import wkv as _wkv
 
-    return _wkv(r, k, v, w, u, s0, settings=SETTINGS)
+    return _wkv(r, k, v, w, u, s0, settings=SETTINGS, in_place=_traced(r))
+
+
+def decode(r, k, v, w, u, s0):
+    """wkv of one token on (B, 1, C) inputs, the heads given by u (H, N): y (B, 1, C) and the final state.
+
+    Inside a caller's jit the new state is written over the buffer of the old one (XLA copies s0 first only where
+    the caller still needs it): in a decode loop, or with the state donated, no state is copied. Called eagerly,
+    the new state gets a buffer of its own (the caller's s0 stays valid without a copy)."""
+    from .binding import decode as _decode
+
+    return _decode(r, k, v, w, u, s0, settings=SETTINGS, in_place=_traced(r))
+
+
+def pool_step(r, k, v, w, u, pool, slots):
+    """One token for the rows whose states are pool[slots], written in place where XLA may (pool.py)."""
+    from .pool import pool_step as _pool_step
+
+    return _pool_step(r, k, v, w, u, pool, slots)

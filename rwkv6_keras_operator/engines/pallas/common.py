@@ -50,8 +50,9 @@ def _params_class():
     return getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
 
-def call(kernel, *, grid, out_shape, num_warps=4, num_stages=2, name=None):
-    """pallas_call with whole-array refs: each kernel indexes its own tiles by program id."""
+def call(kernel, *, grid, out_shape, num_warps=4, num_stages=2, name=None, input_output_aliases=None):
+    """pallas_call with whole-array refs: each kernel indexes its own tiles by program id. input_output_aliases:
+    {input index: output index} of outputs written over their input's buffer."""
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -59,6 +60,7 @@ def call(kernel, *, grid, out_shape, num_warps=4, num_stages=2, name=None):
         compiler_params=_params_class()(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret(),
         name=name,
+        input_output_aliases=input_output_aliases or {},
     )
 
 

@@ -33,9 +33,6 @@ class Settings:
     state_terms_warps: int = 4
     scan_terms_block: int = 32           # value columns a scan_terms program
     scan_terms_warps: int = 4
-    # the step-by-step kernel (recurrent.py)
-    recurrent_block: int = 32            # value columns a program
-    recurrent_warps: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "low_precision", Precision(self.low_precision))   # a Precision or its value

@@ -7,7 +7,7 @@ import functools
 import keras
 
 from .chunked import chunked_wkv
-from .recurrent import step_wkv
+from .recurrent import pool_step, step_wkv  # noqa: F401  (pool_step: the engine protocol's)
 
 NAME = "portable"
 BACKEND = "any"

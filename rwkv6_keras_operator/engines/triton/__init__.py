@@ -6,6 +6,7 @@ without a CUDA device the operator never picks this engine (is_available() is Fa
 kernels on CPU tensors under TRITON_INTERPRET=1 by calling `wkv` directly.
 """
 import importlib.util
+import sys
 import warnings
 
 from .settings import Settings
@@ -51,7 +52,31 @@ def supports(r, head_size):
     return True
 
 
-def wkv(r, k, v, w, u, s0):
-    from .binding import wkv as _wkv
+def _loaded(name):
+    """The submodule `name` once imported: a dict lookup on the hot path (an import statement costs a microsecond a
+    call), except under torch.compile, which follows an import statement but not a lookup that changes as it traces."""
+    import torch
 
-    return _wkv(r, k, v, w, u, s0, SETTINGS)
+    return None if torch.compiler.is_compiling() else sys.modules.get(f"{__name__}.{name}")
+
+
+def _binding():
+    module = _loaded("binding")
+    if module is None:
+        from . import binding as module
+    return module
+
+
+def wkv(r, k, v, w, u, s0):
+    return _binding().wkv(r, k, v, w, u, s0, SETTINGS)
+
+
+def decode(r, k, v, w, u, s0):
+    return _binding().decode(r, k, v, w, u, s0, SETTINGS)
+
+
+def pool_step(r, k, v, w, u, pool, slots):
+    module = _loaded("pool")
+    if module is None:
+        from . import pool as module
+    return module.pool_step(r, k, v, w, u, pool, slots)

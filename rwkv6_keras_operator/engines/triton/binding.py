@@ -20,7 +20,7 @@ from .. import shared
 from ..shared import Precision
 from .backward import launch_backward
 from .forward import launch_forward
-from .recurrent import launch_step
+from .recurrent import launch_step, step
 from .scan import launch_scan
 from .settings import Settings
 
@@ -146,13 +146,30 @@ def _backward(ctx, dy, dstate, _dstates):
 forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _needs_graph(r, k, v, w, u, s0):
+    """The call must go through the custom op: traced by torch.compile, or differentiated."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+        r.requires_grad or k.requires_grad or v.requires_grad or w.requires_grad or u.requires_grad
+        or (s0 is not None and s0.requires_grad)))
+
+
 def wkv(r, k, v, w, u, s0=None, settings=Settings()):
     """(y, state): the engine protocol's wkv on torch tensors (B, T, H, N); u (H, N); s0 (B, H, N, N) or None;
     settings: the kernels' launch settings (settings.Settings)."""
-    needs_graph = torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, k, v, w, u, s0)))
-    if needs_graph:
+    if _needs_graph(r, k, v, w, u, s0):
         y, state, _ = forward_op(r, k, v, w, u, s0, settings.key)
+    elif r.shape[1] == 1:  # eager decode: the step alone (no chunk states to allocate)
+        y, state = step(r, k, v, w, u, s0)
     else:  # eager inference: the same implementation without the dispatcher's overhead
         y, state, _ = forward_impl(r, k, v, w, u, s0, settings)
     return y, state
+
+
+def decode(r, k, v, w, u, s0=None, settings=Settings()):
+    """The engine protocol's decode: one token on (B, 1, C) tensors, the heads given by u (H, N); y (B, 1, C)."""
+    if _needs_graph(r, k, v, w, u, s0):
+        B, T, C = r.shape
+        H, N = u.shape
+        y, state = wkv(*(x.reshape(B, T, H, N) for x in (r, k, v, w)), u, s0, settings)
+        return y.reshape(B, T, C), state
+    return step(r, k, v, w, u, s0)

@@ -1,34 +1,46 @@
 """The Pallas engine compiled on a CUDA GPU, through RWKVKernelOperator: float32 / bfloat16 / float16, decays
-from mild to masks, head sizes 32 / 64 / 128, a start state with state_map, decode, and the jax transformations,
-all against the float64 oracle with the project's tolerances.
+from mild to masks, head sizes 32 / 64 / 128, a start state with state_map, decode (the step-by-step kernel forward
+only, and under differentiation), and the jax transformations, all against the float64 oracle.
 
 Skipped (with the reason) without a CUDA device under jax or under another Keras backend; the kernels are also
 checked on CPU by test_kernels.py in the Pallas interpreter.
+
+Precisions only the GPU runs (the interpreter multiplies float32 operands in float32 and has no inline assembly;
+test_lowering.py checks on CPU that each reaches the kernels' Triton IR), exercised here and by test_kernels.py,
+which runs compiled on a GPU (`bash scripts/gpu.sh tests` runs both):
+  - tf32x3 products (float32 inputs): every float32 test here;
+  - bf16 products, the state's operands rounded too (bfloat16 inputs, the engine's SETTINGS.low_precision "bf16"):
+    the bfloat16 cases here;
+  - tf32 products (float16 inputs; bfloat16 inputs with low_precision "tf32"): the float16 cases here,
+    test_kernels.py::test_16bit_inputs[tf32-*];
+  - f16 products (low_precision "f16"): test_kernels.py::test_16bit_inputs[input-float16];
+  - exp as one ex2.approx.ftz (every kernel that exponentiates, every dtype): every test here.
 """
+import re
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rwkv6_keras_operator import RWKVKernelOperator, engines
+from rwkv6_keras_operator.engines import pallas
+from rwkv6_keras_operator.engines.pallas import binding
+from rwkv6_keras_operator.engines.pallas.settings import Settings
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
-from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, make_inputs, rel_err, rounded
+from tests.helpers import BF16, make_inputs, over_tolerance, rel_err, rounded, tolerances
 
-if BACKEND != "jax":
-    pytest.skip(f"the Pallas engine runs under the jax backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
-jax = pytest.importorskip("jax")
-if jax.default_backend() != "gpu":
-    pytest.skip("no CUDA device for jax: the GPU checks of the Pallas engine need one", allow_module_level=True)
-import jax.numpy as jnp  # noqa: E402
+pytestmark = pytest.mark.requires("pallas", "gpu")
 
-from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
-from rwkv6_keras_operator.engines import pallas  # noqa: E402
-from rwkv6_keras_operator.engines.pallas import binding  # noqa: E402
-from rwkv6_keras_operator.engines.pallas.settings import Settings  # noqa: E402
 
-TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
-
+def tolerance(dtype):
+    """The float32 results of 16-bit runs: du is an element-wise float32 sum (float32-exact); the state and the
+    gradient of init_state are sums of products whose operands are rounded (bf16 products round the state itself to
+    bfloat16; float16 inputs multiply in tf32): BF16, and so are y and the other gradients (16-bit products)."""
+    return tolerances(dtype) if dtype == "float32" else tolerances(dtype, values=BF16, states=BF16)
 
 
 def check(B, T, H, N, decay, dtype, seed, n_state=None, state_map=None, with_grads=True, settings=None):
-    """Through the operator; with `settings` (and no state_map), through the engine's binding.wkv with them."""
     x = make_inputs(B, T, H, N, seed, decay=decay, n_state=n_state)
     seen = {n: rounded(x[n], dtype) for n in "rkvw"}
     init = x.get("init_state")
@@ -49,7 +61,6 @@ def check(B, T, H, N, decay, dtype, seed, n_state=None, state_map=None, with_gra
 
     index = None if init is None else (state_map if state_map is not None else np.arange(B))
     y_ref, s_ref = wkv_reference(*(seen[n] for n in "rkvw"), x["u"], N, init, index)
-    tol_out, tol_grad = TOL[dtype]
     if not with_grads:
         y, s = jax.jit(f)(*args)
         errors = {"y": rel_err(np.asarray(y, np.float32), y_ref), "state": rel_err(s, s_ref)}
@@ -59,9 +70,9 @@ def check(B, T, H, N, decay, dtype, seed, n_state=None, state_map=None, with_gra
         g_ref = wkv_reference_grads(*(seen[n] for n in "rkvw"), x["u"], N, dy, ds, init, index)
         errors = {"y": rel_err(np.asarray(y, np.float32), y_ref), "state": rel_err(s, s_ref)}
         for name, g in zip(["r", "k", "v", "w", "u", "init_state"], grads):
-            errors["d" + name] = rel_err(np.asarray(g, np.float32), g_ref[name])
+            errors[name] = rel_err(np.asarray(g, np.float32), g_ref[name])
     assert y.dtype == jnp.dtype(dtype) and s.dtype == jnp.float32
-    bad = {k: e for k, e in errors.items() if e > (tol_out if k in ("y", "state") else tol_grad)}
+    bad = over_tolerance(errors, tolerance(dtype))
     assert not bad, f"errors over tolerance: {bad} (all: {errors})"
     return errors
 
@@ -93,8 +104,25 @@ def test_state_map_sums_gradients_of_shared_states():
 
 @pytest.mark.parametrize("T", [1, 7])
 def test_decode_and_short(T):
-    """T <= 16 runs the step-by-step kernel forward; gradients go through the chunked backward."""
+    """T <= 16 under differentiation: the chunked forward of the vjp and its backward."""
     check(64, T, 4, 64, "masks", "bfloat16", seed=T, n_state=64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_decode_forward_only(T, dtype):
+    """T <= decode_max_t without differentiation: the step-by-step kernel, and only it, compiled (element-wise
+    float32: the state is float32-exact for bfloat16 inputs too)."""
+    B, H, N = 64, 4, 64
+    x = make_inputs(B, T, H, N, T, decay="masks", n_state=B)
+    op = RWKVKernelOperator(N, T)
+    args = [jnp.asarray(x[n]).astype(dtype) for n in "rkvw"] + [jnp.asarray(x["u"]), jnp.asarray(x["init_state"])]
+    f = jax.jit(lambda r, k, v, w, u, s0: op(r, k, v, w, u, with_state=True, init_state=s0))
+    assert set(re.findall(r"\bname=(wkv6_\w+)", str(jax.make_jaxpr(f)(*args)))) == {"wkv6_recurrent"}
+    y, s = f(*args)
+    y_ref, s_ref = wkv_reference(*(rounded(x[n], dtype) for n in "rkvw"), x["u"], N, x["init_state"])
+    assert rel_err(np.asarray(y, np.float32), y_ref) <= tolerances(dtype)["y"]
+    assert rel_err(s, s_ref) <= tolerances("float32")["state"]
 
 
 def test_long_sequence_bf16():

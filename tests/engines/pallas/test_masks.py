@@ -1,18 +1,14 @@
 """The masks of masks.py against their entry-by-entry definitions (tests/mask_definitions.py), for every level of a
 chunk, with the level a Python int (unrolled level loops) and a traced int32 (fori_loop)."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rwkv6_keras_operator.engines.pallas import masks
 from tests import mask_definitions
-from tests.helpers import BACKEND
 
-if BACKEND != "jax":
-    pytest.skip(f"the Pallas engine runs under the jax backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
-jax = pytest.importorskip("jax")
-pytest.importorskip("jax.experimental.pallas.triton", reason="this jax has no Pallas Triton backend")
-import jax.numpy as jnp  # noqa: E402
-
-from rwkv6_keras_operator.engines.pallas import masks  # noqa: E402
+pytestmark = pytest.mark.requires("pallas")
 
 MASKS = {name: getattr(masks, name) for name in mask_definitions.ALL}
 

@@ -5,12 +5,11 @@ import pytest
 from keras import ops
 
 from rwkv6_keras_operator.engines.portable.scan import GROUP, chunk_states
-from tests.helpers import FP32_OUT, BACKEND, rel_err
+from tests.helpers import FP32_OUT, rel_err
 
 
 @pytest.mark.parametrize("nc", [1, GROUP, GROUP + 1, GROUP * GROUP + 5])
-def test_chunk_states_match_the_recurrence(nc):
-    rng = np.random.default_rng()
+def test_chunk_states_match_the_recurrence(nc, rng):
     B, H, N = 2, 1, 4
     decay = rng.random((nc, B, H, N, 1)).astype(np.float32)
     decay[rng.random(decay.shape) < 0.2] = 0.0  # exact resets
@@ -26,14 +25,12 @@ def test_chunk_states_match_the_recurrence(nc):
     assert rel_err(ops.convert_to_numpy(got), np.stack(starts)) <= FP32_OUT
 
 
-def test_xla_compiles_the_gradient_and_it_is_right():
+@pytest.mark.requires("tensorflow")
+def test_xla_compiles_the_gradient_and_it_is_right(rng):
     """Under tf.function(jit_compile=True) the gradient through the chunk states compiles (that of keras'
     scan does not) and equals the gradient of a plain eager loop."""
-    if BACKEND != "tensorflow":
-        pytest.skip("tensorflow-only: XLA compilation of the gradient through the chunk states")
     import tensorflow as tf
 
-    rng = np.random.default_rng()
     decay = tf.constant(rng.random((20, 1, 1, 4, 1)).astype(np.float32))
     kv = tf.constant(rng.standard_normal((20, 1, 1, 4, 4)).astype(np.float32))
     s0 = tf.constant(rng.standard_normal((1, 1, 4, 4)).astype(np.float32))

@@ -3,30 +3,40 @@ torch.compile(fullgraph=True), CUDA-graph capture and 64-bit indexing, all again
 
 Skipped (with the reason) without a CUDA device or under another Keras backend; the kernels themselves are
 also checked on CPU by test_kernels.py under the Triton interpreter.
+
+Precisions only the GPU runs (the interpreter multiplies every tile in IEEE float32: its bfloat16 `tl.dot` is wrong,
+it ignores tf32, and runs no inline assembly), exercised here and by test_kernels.py, which runs compiled on a GPU
+(`bash scripts/gpu.sh tests` runs both; test_precisions_by_dtype checks the mapping):
+  - tf32x3 products (float32 inputs): every float32 test;
+  - bf16 products, the state's operands rounded too, chunk states stored in bfloat16 (bfloat16 inputs): the
+    bfloat16 cases of test_dtypes_and_decays, test_head_sizes, test_long_bf16_sequence;
+  - tf32 products (float16 inputs): the float16 cases of test_dtypes_and_decays;
+  - exp as one ex2.approx.ftz (common.FAST_EXP, every dtype): every test here.
 """
 import warnings
 
 import numpy as np
 import pytest
+import torch
 
+from rwkv6_keras_operator import RWKVKernelOperator, engines
+from rwkv6_keras_operator.engines import portable
+from rwkv6_keras_operator.engines import triton as engine
+from rwkv6_keras_operator.engines.triton import binding, common
+from rwkv6_keras_operator.engines.triton.settings import ScanLaunch, Settings
 from rwkv6_keras_operator.reference import wkv_reference, wkv_reference_grads
-from tests.helpers import BACKEND, BF16, FP32_GRAD, FP32_OUT, make_inputs, rel_err, rounded
+from tests.helpers import BF16, make_inputs, over_tolerance, rel_err, rounded, tolerances
 
-if BACKEND != "torch":
-    pytest.skip(f"the Triton engine runs under the torch backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device: the GPU checks of the Triton engine need one", allow_module_level=True)
-
-from rwkv6_keras_operator import RWKVKernelOperator, engines  # noqa: E402
-from rwkv6_keras_operator.engines import portable  # noqa: E402
-from rwkv6_keras_operator.engines import triton as engine  # noqa: E402
-from rwkv6_keras_operator.engines.triton import binding  # noqa: E402
-from rwkv6_keras_operator.engines.triton.settings import ScanLaunch, Settings  # noqa: E402
+pytestmark = pytest.mark.requires("triton", "gpu")
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOL = {"float32": (FP32_OUT, FP32_GRAD), "bfloat16": (BF16, BF16), "float16": (BF16, BF16)}
 
+
+def tolerance(dtype):
+    """The float32 results of 16-bit runs: du is an element-wise float32 sum (float32-exact); the state and the
+    gradient of init_state are sums of products whose operands are rounded (bf16 products round the state itself to
+    bfloat16; float16 inputs multiply in tf32): BF16, and so are y and the other gradients (16-bit products)."""
+    return tolerances(dtype) if dtype == "float32" else tolerances(dtype, values=BF16, states=BF16)
 
 
 def cuda(x, dtype=torch.float32):
@@ -59,11 +69,17 @@ def operator_check(B, T, H, N, decay, dtype="float32", init=None, init_arg=None,
     for n, g in zip(names, grads):
         want = g_ref[n]
         errors[n] = rel_err(np_(g).reshape(want.shape), want)
-    tol_out, tol_grad = TOL[dtype]
-    bad = {n: e for n, e in errors.items() if e > (tol_out if n in ("y", "state") else tol_grad)}
+    bad = over_tolerance(errors, tolerance(dtype))
     assert not bad, f"over tolerance: {bad} (all: {errors})"
     assert y.dtype == DT[dtype] and state.dtype == torch.float32
     return errors
+
+
+@pytest.mark.parametrize("dtype, products", [("float32", "tf32x3"), ("bfloat16", "bf16"), ("float16", "tf32")])
+def test_precisions_by_dtype(dtype, products):
+    """The products each dtype's kernels take on the GPU, and exp as ex2.approx (the modes listed above)."""
+    assert binding.precisions(torch.zeros(1, device="cuda", dtype=DT[dtype])).prec.value == products
+    assert common.FAST_EXP
 
 
 @pytest.mark.parametrize("decay", ["normal", "strong", "masks"])

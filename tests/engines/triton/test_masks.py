@@ -1,26 +1,18 @@
 """The masks of masks.py against their entry-by-entry definitions (tests/mask_definitions.py), for every level of a
 sub-block, with the level given at run time as in the kernels' level loop. Compiled on a CUDA machine, under the
 Triton interpreter on CPU tensors otherwise (TRITON_INTERPRET=1, as scripts/test.sh sets it)."""
-import os
-
 import numpy as np
 import pytest
+import torch
+import triton
+import triton.language as tl
 
+from rwkv6_keras_operator.engines.triton import masks
 from tests import mask_definitions
-from tests.helpers import BACKEND
 
-if BACKEND != "torch":
-    pytest.skip(f"the Triton engine runs under the torch backend (KERAS_BACKEND={BACKEND})", allow_module_level=True)
-torch = pytest.importorskip("torch")
-triton = pytest.importorskip("triton", reason="Triton is not installed")
+pytestmark = pytest.mark.requires("triton")
+
 CUDA = torch.cuda.is_available()
-if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA device: run with TRITON_INTERPRET=1 to check the Triton kernels on CPU",
-                allow_module_level=True)
-import triton.language as tl  # noqa: E402
-
-from rwkv6_keras_operator.engines.triton import masks  # noqa: E402
-
 NAMES = ["before_mask", "after_mask", "pair_mask", "factor_mask", "span_mask"]
 
 

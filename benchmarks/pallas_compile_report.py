@@ -1,14 +1,16 @@
-"""The Pallas kernels as Triton IR, and compiled for Hopper, on a machine without a GPU.
+"""The Pallas engine's kernels as Triton IR, and compiled for Hopper, on a machine without a GPU.
 
 jax lowers a pallas_call for the "cuda" platform to Triton IR in Python (the compile to PTX happens later, inside
 XLA on the GPU), so the lowering can run anywhere. `capture` collects the IR of every kernel of one engine
 configuration; `compile_reports` compiles it with the `triton` package for sm_90a, in a separate process (triton
 and jaxlib each bring their own MLIR libraries, and loading both into one process can abort it), and reads shared
-memory, registers, spills and matrix instructions. Used by test_lowering.py and, as a script, to survey
-configurations:
+memory, and (with the cuobjdump that triton ships) registers, spills and matrix instructions. Used by
+tests/engines/pallas/test_lowering.py and, as a script, to survey configurations (the Triton engine's counterpart
+is triton_compile_report.py):
 
-    python tests/engines/pallas/triton_ir.py 64 bfloat16 32 [more "N dtype chunk" triples]
+    python benchmarks/pallas_compile_report.py 64 bfloat16 32 [more "N dtype chunk" triples]
 """
+import importlib.util
 import json
 import os
 import re
@@ -16,10 +18,11 @@ import subprocess
 import sys
 import tempfile
 
-# kernel: (its Settings field for num_warps; num_stages), as the launchers use them
+# kernel: (its Settings field for num_warps, None for the step kernel's StepSettings; num_stages), as the launchers
+# use them
 LAUNCH = {"wkv6_state_terms": ("state_terms_warps", 2), "wkv6_state_scan": ("state_scan_warps", 2),
           "wkv6_forward": ("forward_warps", 2), "wkv6_backward": ("backward_warps", 1),
-          "wkv6_scan": ("scan_terms_warps", 3), "wkv6_recurrent": ("recurrent_warps", 2)}
+          "wkv6_scan": ("scan_terms_warps", 3), "wkv6_recurrent": (None, 2)}
 
 
 def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2, **settings):
@@ -68,6 +71,10 @@ def launch_settings(name, N=64, dtype="bfloat16"):
     from rwkv6_keras_operator.engines.pallas.settings import Settings
 
     field, stages = LAUNCH[name]
+    if field is None:
+        from rwkv6_keras_operator.engines.pallas import recurrent
+
+        return recurrent.STEP.warps(N), stages
     settings = Settings()
     warps = getattr(settings, field)
     if name in ("wkv6_forward", "wkv6_backward"):
@@ -95,6 +102,15 @@ def compile_reports(modules, timeout=600, N=64, dtype="bfloat16"):
         return [json.loads(line) for line in lines]
 
 
+def cuobjdump():
+    """The cuobjdump that the triton package ships (found without importing triton), or None."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else None
+
+
 def _compile(job):
     """In the child process (triton only, no jax): compile one kernel and read its resources."""
     import triton
@@ -103,16 +119,16 @@ def _compile(job):
     kernel = triton.compile(job["path"], target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=job["warps"], num_stages=job["stages"]))
     report = {"kernel": job["name"], "warps": job["warps"], "stages": job["stages"], "smem": kernel.metadata.shared}
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if os.path.exists(cuobjdump):
+    tool = cuobjdump()
+    if tool is not None:
         cubin = job["path"] + ".cubin"
         with open(cubin, "wb") as f:
             f.write(kernel.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+        usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
         found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
         if found:
             report["registers"], report["stack"] = int(found.group(1)), int(found.group(2))
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
         report["mma"] = len(re.findall(r"\bH(?:G)?MMA\b", sass))
         report["sass_lines"] = sass.count("\n")
     return report
@@ -123,7 +139,7 @@ if __name__ == "__main__":
         for job in json.loads(sys.argv[2]):
             print(json.dumps(_compile(job)), flush=True)
         sys.exit(0)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ.setdefault("KERAS_BACKEND", "jax")
     args = sys.argv[1:] or ["64", "bfloat16", "32"]
     for i in range(0, len(args), 3):
