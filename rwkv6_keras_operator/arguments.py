@@ -58,7 +58,7 @@ _DTYPE_NAMES = {}
 
 
 def dtype_name(x):
-    """The dtype's Keras name ("float32", ...); memoised: standardize_dtype costs ~2 us, and a call needs ten."""
+    """The dtype's Keras name ("float32", ...); memoised: a call needs about ten, and a decode step is short."""
     name = _DTYPE_NAMES.get(x.dtype)
     if name is None:
         name = _DTYPE_NAMES[x.dtype] = keras.backend.standardize_dtype(x.dtype)
@@ -86,8 +86,8 @@ _TORCH_ON_CPU = _keras_device_type() == "cpu"
 
 
 def is_torch_tensor(x):
-    """True for torch tensors: keras.ops flattens its arguments looking for symbolic tensors, ~30 us a call under
-    torch, while a decode step costs ~30 us on the GPU; a torch tensor reshapes and casts itself (also under
+    """True for torch tensors: keras.ops flattens its arguments looking for symbolic tensors, which under
+    torch costs about as much host time as a whole decode step takes on the GPU; a torch tensor reshapes and casts itself (also under
     torch.compile, where a shape may hold symbolic ints)."""
     return _TORCH_TENSOR is not None and isinstance(x, _TORCH_TENSOR)
 
@@ -112,7 +112,7 @@ def _placed(x):
 
 
 def to_tensor(x):
-    """ops.convert_to_tensor, without its cost (~5 us, it looks for symbolic tensors) where it would return x."""
+    """ops.convert_to_tensor, without its cost (it looks for symbolic tensors) where it would return x."""
     if _placed(x):
         return x
     return ops.convert_to_tensor(x)
