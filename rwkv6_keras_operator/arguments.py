@@ -86,9 +86,9 @@ _TORCH_ON_CPU = _keras_device_type() == "cpu"
 
 
 def is_torch_tensor(x):
-    """True for torch tensors: keras.ops flattens its arguments looking for symbolic tensors, which under
-    torch costs about as much host time as a whole decode step takes on the GPU; a torch tensor reshapes and casts itself (also under
-    torch.compile, where a shape may hold symbolic ints)."""
+    """True for torch tensors: keras.ops flattens its arguments looking for symbolic tensors, which under torch
+    costs about as much host time as a whole decode step takes on the GPU; a torch tensor reshapes and casts
+    itself (also under torch.compile, where a shape may hold symbolic ints)."""
     return _TORCH_TENSOR is not None and isinstance(x, _TORCH_TENSOR)
 
 
