@@ -71,7 +71,7 @@ def run(args, shapes, report):
     from rwkv6_keras_operator.engines import pallas
     from rwkv6_keras_operator.engines.pallas import recurrent
     from rwkv6_keras_operator.engines.step_settings import StepSettings
-    from rwkv6_keras_operator.reference import wkv_reference
+    from rwkv6_keras_operator.reference import relative_error, wkv_reference
 
     report.data["device"] = str(jax.devices()[0].device_kind) + (" (Pallas interpreter)" if args.tiny else "")
     report.data["versions"] = {"jax": jax.__version__}
@@ -96,8 +96,7 @@ def run(args, shapes, report):
     y, state = op(*x, u, with_state=True, init_state=s)
     feed = [np.asarray(a[:2], np.float32) for a in x]
     y_ref, s_ref = wkv_reference(*feed, np.asarray(u), N, np.asarray(s[:2]))
-    err = max(float(np.linalg.norm(np.asarray(y[:2], np.float32) - y_ref) / np.linalg.norm(y_ref)),
-              float(np.linalg.norm(np.asarray(state[:2]) - s_ref) / np.linalg.norm(s_ref)))
+    err = max(relative_error(np.asarray(y[:2], np.float32), y_ref), relative_error(np.asarray(state[:2]), s_ref))
     report.add("decode", f"op(...) eager (jitted engine call), B={B}",
                timer.ms(lambda: op(*x, u, with_state=True, init_state=s)), note=f"oracle err {err:.1e}")
     report.add("decode", "engine alone eager (pallas.decode)", timer.ms(lambda: pallas.decode(*x, u, s)))

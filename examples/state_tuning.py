@@ -32,6 +32,7 @@ from rwkv6_keras_operator.demo import corpus  # noqa: E402
 from rwkv6_keras_operator.models import RWKV6, RWKV6Config  # noqa: E402
 from rwkv6_keras_operator.models.checkpoint import random_weights  # noqa: E402
 from rwkv6_keras_operator.models.tokenizer import WorldTokenizer  # noqa: E402
+from rwkv6_keras_operator.reference import relative_error  # noqa: E402
 
 OFFLINE = RWKV6Config(vocab_size=65536, n_embd=64, n_layer=2, head_size=16, dim_ffn=224, mix_lora=8, decay_lora=16)
 
@@ -131,7 +132,7 @@ def main(argv=None):
         print("(install the official runtime, `pip install rwkv`, to check the file there)")
     else:
         ours = np.asarray(keras.ops.convert_to_numpy(model(tokens[None])))[0]
-        err = float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+        err = relative_error(ours, theirs)
         tolerance = 1e-5 if model.dtype_policy.name == "float32" else 2e-2
         print(f"the official runtime on {path}: logits within {err:.1e} of this model's (relative L2, "
               f"tolerance {tolerance:.0e}) {'PASS' if err <= tolerance else 'FAIL'}")
