@@ -7,7 +7,6 @@ from keras import ops
 
 from . import engines
 from .arguments import apply, convert, plan, reshape, sequence_start_states
-from .engines.portable.varlen import wkv_varlen
 from .pool_arguments import prepare_step
 from .varlen import check_cu_seqlens
 
@@ -85,7 +84,8 @@ class RWKVKernelOperator:
         cu, n = check_cu_seqlens(cu_seqlens, p.shape)
         s0 = sequence_start_states(p, init_state, state_map, n)
         a = apply(p, r, k, v, w, u)
-        # The portable engine on every backend: the GPU engines do not take packed sequences yet.
+        engine = engines.select(r, self.head_size, self.ops_loop)
+        wkv_varlen = getattr(engine, "wkv_varlen", None) or engines.portable_engine().wkv_varlen
         y, states = wkv_varlen(a.r, a.k, a.v, a.w, a.u, s0, cu)
         return reshape(y, p.shape), (states if with_state else None)
 

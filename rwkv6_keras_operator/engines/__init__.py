@@ -9,9 +9,15 @@ Optional, for one token a row (the operator uses them where an engine has them):
 
     decode(r, k, v, w, u, s0) -> (y, state)                  # r, k, v, w: (B, 1, C); y (B, 1, C); as wkv
     pool_step(r, k, v, w, u, pool, slots) -> (y, pool)       # RWKVKernelOperator.step, without gradients
+    wkv_varlen(r, k, v, w, u, s0, cu_seqlens) -> (y, states) # packed sequences (cu_seqlens); as the portable one
 
 pool_step: r, k, v, w (B, C) or (B, 1, C), y in r's shape; pool (n, H, N, N) float32; slots (B,) distinct ints, a
 backend tensor on the pool's device; advances the states pool[slots] by one token (in place under torch).
+
+wkv_varlen: r, k, v, w (1, T, H, N); u (H, N) float32; s0 (n, H, N, N) float32 start states or None (zeros);
+cu_seqlens (n + 1,) int32 backend tensor (checked by the caller); returns y (1, T, H, N) in r's dtype and the n
+final states (n, H, N, N) float32, an empty sequence's being its start state. Gradients as for wkv. Engines without
+it leave packed calls to the portable engine (engines/portable/varlen.py).
 """
 import importlib
 import os

@@ -8,6 +8,7 @@ import keras
 
 from .chunked import chunked_wkv
 from .recurrent import pool_step, step_wkv  # noqa: F401  (pool_step: the engine protocol's)
+from .varlen import wkv_varlen  # noqa: F401  (the engine protocol's)
 
 NAME = "portable"
 BACKEND = "any"

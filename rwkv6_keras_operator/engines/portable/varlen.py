@@ -23,40 +23,18 @@ import functools
 import keras
 from keras import ops
 
+from .. import packed
 from ..shared import chunk_length
 from .chunked import CHUNK, _tree_intra, log_decay, matmul
 from .scan import chunk_states
 
 
-def _layout(cu, T, n, L, NC):
-    """Where the tokens go. cu: (n + 1,) int32 offsets.
-
-    Returns, for the NC * L chunk positions, the token each holds (clipped to a valid index) and whether it holds
-    one; per chunk, its sequence and whether it is the sequence's first; per sequence, its last chunk and whether
-    it has any; per token, its chunk position."""
-    starts, ends = cu[:-1], cu[1:]
-    chunks_per_sequence = (ends - starts + (L - 1)) // L
-    chunk_cu = ops.concatenate([ops.zeros((1,), "int32"), ops.cast(ops.cumsum(chunks_per_sequence), "int32")])
-    chunk = ops.arange(NC, dtype="int32")
-    # a chunk's sequence: how many sequences end (in chunks) at or before it; empty sequences are skipped
-    seq_of_chunk = ops.minimum(ops.searchsorted(chunk_cu[1:], chunk, side="right"), n - 1)
-    seq_of_chunk = ops.cast(seq_of_chunk, "int32")
-    first_chunk = ops.take(chunk_cu, seq_of_chunk)
-    used = chunk < chunk_cu[n]
-    token_start = ops.take(starts, seq_of_chunk) + (chunk - first_chunk) * L
-    token_count = ops.where(used, ops.clip(ops.take(ends, seq_of_chunk) - token_start, 0, L), 0)
+def _slots(table, L):
+    """For the NC * L chunk positions: the token each holds (clipped to a valid index) and whether it holds one."""
     offset = ops.arange(L, dtype="int32")
-    holds = offset[None, :] < token_count[:, None]                                        # (NC, L)
-    token = ops.where(holds, token_start[:, None] + offset[None, :], 0)
-    is_first = ops.logical_and(used, ops.equal(chunk, first_chunk))
-    has_chunks = chunks_per_sequence > 0
-    last_chunk = ops.maximum(chunk_cu[1:] - 1, 0)
-    # a token's sequence: how many sequences end at or before it
-    t = ops.arange(T, dtype="int32")
-    seq_of_token = ops.cast(ops.searchsorted(ends, t, side="right"), "int32")
-    position = ops.take(chunk_cu, seq_of_token) * L + t - ops.take(starts, seq_of_token)
-    return (ops.reshape(token, (-1,)), ops.reshape(holds, (-1,)), seq_of_chunk, is_first, last_chunk, has_chunks,
-            position)
+    holds = offset[None, :] < table.count[:, None]                                        # (NC, L)
+    token = ops.where(holds, table.start[:, None] + offset[None, :], 0)
+    return ops.reshape(token, (-1,)), ops.reshape(holds, (-1,))
 
 
 def varlen_wkv(r, k, v, w, u, s0, cu_seqlens, chunk=CHUNK):
@@ -72,9 +50,10 @@ def varlen_wkv(r, k, v, w, u, s0, cu_seqlens, chunk=CHUNK):
     dtype = r.dtype
     exact = keras.backend.standardize_dtype(dtype) == "float32"
     L = chunk_length(T, chunk)
-    NC = min(T, (T + n * (L - 1)) // L)
-    cu = ops.cast(cu_seqlens, "int32")
-    token, holds, seq_of_chunk, is_first, last_chunk, has_chunks, position = _layout(cu, T, n, L, NC)
+    table = packed.chunk_table(cu_seqlens, T, n, L)
+    NC = table.start.shape[0]
+    token, holds = _slots(table, L)
+    seq_of_chunk, is_first = table.sequence, table.first
 
     f32 = lambda x: ops.cast(x[0], "float32")  # noqa: E731
     r, k, v, d = f32(r), f32(k), f32(v), ops.exp(log_decay(w[0]))                   # (T, H, N)
@@ -103,14 +82,8 @@ def varlen_wkv(r, k, v, w, u, s0, cu_seqlens, chunk=CHUNK):
     s_read = ops.reshape(ops.transpose(s_starts, (1, 0, 2, 3)), (-1, N, N))
     y = y_intra + matmul(rc * pre, s_read, exact)                                             # (H * NC, L, N)
     y = ops.reshape(ops.transpose(ops.reshape(y, (H, NC * L, N)), (1, 0, 2)), (NC * L, H, N))
-    y = ops.take(y, position, axis=0) + bonus
-
-    finals = ops.take(s_ends, last_chunk, axis=0)
-    if s0 is not None:
-        finals = ops.where(has_chunks[:, None, None, None], finals, s0)
-    else:
-        finals = ops.where(has_chunks[:, None, None, None], finals, 0.0)
-    return ops.cast(y, dtype)[None], finals
+    y = ops.take(y, packed.token_positions(cu_seqlens, T, L), axis=0) + bonus
+    return ops.cast(y, dtype)[None], packed.final_states(s_ends, table, s0)
 
 
 @functools.cache
