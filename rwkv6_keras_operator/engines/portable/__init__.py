@@ -34,7 +34,10 @@ def _compiled():
     if keras.backend.backend() == "jax":
         import jax
 
-        return jax.jit(_wkv)
+        from ...distributed.jax import multi_device, time_parallel
+
+        # several devices: inputs may be sharded along T too (distributed/jax.py)
+        return jax.jit(time_parallel(_wkv) if multi_device() else _wkv)
     return _wkv
 
 
