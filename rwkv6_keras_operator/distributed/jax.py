@@ -17,9 +17,10 @@ s0: (B, H, N, N) float32 or None) in `jax.experimental.custom_partitioning`, for
 The backward recomputes the forward on each device (the custom_vjp keeps the inputs only: what an engine keeps
 between its own forward and backward has no sharded global shape that both partitionings could agree on before
 jax knows how T is cut). Wrapped only where jax has more than one device (engines/portable, engines/pallas): on
-one device the engine runs as it is.
+one device the engine runs as it is; RWKV6_TIME_SHARDING=0 turns the wrapper off.
 """
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,12 @@ def time_parallel(wkv):
     return wrapped
 
 
-def multi_device():
-    """jax has more than one device: only then can an input be sharded (checked at trace time)."""
-    return jax.device_count() > 1
+# RWKV6_TIME_SHARDING=0 (read at import) leaves the engines unwrapped: inputs sharded along T are then gathered, and
+# the backward of row- or head-sharded calls keeps the engine's own residuals instead of recomputing the forward.
+ENABLED = os.environ.get("RWKV6_TIME_SHARDING", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def time_sharding():
+    """Whether the engines take inputs sharded along T: enabled, and jax has more than one device (only then can an
+    input be sharded; checked at trace time)."""
+    return ENABLED and jax.device_count() > 1

@@ -76,9 +76,9 @@ def _traced(x):
 
 def wkv(r, k, v, w, u, s0):
     """y (B, T, H, N) in r's dtype and the float32 state after the last step (B, H, N, N)."""
-    from ...distributed.jax import multi_device
+    from ...distributed.jax import time_sharding
 
-    if multi_device():   # inputs may be sharded along T too (distributed/jax.py)
+    if time_sharding():   # inputs may be sharded along T too (distributed/jax.py)
         return _time_parallel_wkv(SETTINGS)(r, k, v, w, u, s0)
     from .binding import wkv as _wkv
 

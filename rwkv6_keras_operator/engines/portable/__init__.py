@@ -34,10 +34,10 @@ def _compiled():
     if keras.backend.backend() == "jax":
         import jax
 
-        from ...distributed.jax import multi_device, time_parallel
+        from ...distributed.jax import time_parallel, time_sharding
 
         # several devices: inputs may be sharded along T too (distributed/jax.py)
-        return jax.jit(time_parallel(_wkv) if multi_device() else _wkv)
+        return jax.jit(time_parallel(_wkv) if time_sharding() else _wkv)
     return _wkv
 
 
