@@ -17,7 +17,7 @@ s0: (B, H, N, N) float32 or None) in `jax.experimental.custom_partitioning`, for
 The backward recomputes the forward on each device (the custom_vjp keeps the inputs only: what an engine keeps
 between its own forward and backward has no sharded global shape that both partitionings could agree on before
 jax knows how T is cut). Wrapped only where jax has more than one device (engines/portable, engines/pallas): on
-one device the engine runs as it is; RWKV6_TIME_SHARDING=0 turns the wrapper off.
+one device the engine runs as it is. Opt-in: RWKV6_TIME_SHARDING=1 (see ENABLED).
 """
 import functools
 import os
@@ -132,9 +132,10 @@ def time_parallel(wkv):
     return wrapped
 
 
-# RWKV6_TIME_SHARDING=0 (read at import) leaves the engines unwrapped: inputs sharded along T are then gathered, and
-# the backward of row- or head-sharded calls keeps the engine's own residuals instead of recomputing the forward.
-ENABLED = os.environ.get("RWKV6_TIME_SHARDING", "1").strip().lower() not in ("0", "false", "no", "off")
+# RWKV6_TIME_SHARDING=1 (read at import) wraps the engines. Off by default: the wrapper's backward recomputes each
+# device's forward, also for inputs sharded over rows or heads only, where the engine's own backward would reuse the
+# chunk states of its forward. Unwrapped, inputs sharded along T are gathered (correct, and the exchange is T-sized).
+ENABLED = os.environ.get("RWKV6_TIME_SHARDING", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def time_sharding():

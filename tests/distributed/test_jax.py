@@ -20,6 +20,7 @@ MESHES = ("T over 4 devices", "rows over 2 x T over 2", "heads over 2 x T over 2
 def _run(tmp_path, engine, seed):
     out = tmp_path / "jax_cases.json"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "RWKV6_TIME_SHARDING": "1",
            "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "distributed" / "jax_cases.py"), str(out),
                            str(seed % 2**30), engine], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
