@@ -7,6 +7,7 @@
 #   bash scripts/gpu.sh compare  # benchmarks/peers/compare.py: this project, fla, rwkv-ops and 1.0.5, each through
 #                                # its public API, one process each
 #   bash scripts/gpu.sh multi    # 2+ GPUs: benchmarks/ddp_torch.py (torch DDP), benchmarks/shard_jax.py (or: ddp, shard)
+#   bash scripts/gpu.sh seqpar   # 2+ GPUs: benchmarks/sequence_parallel.py, one sequence cut along T (torch NCCL, jax)
 #   bash scripts/gpu.sh serving  # benchmarks/serving.py: decode through the operator, B=4096 against copy, the pool
 #   bash scripts/gpu.sh models   # benchmarks/models_e2e.py: the RWKV-6 169M model, training step and generation
 #   bash scripts/gpu.sh tests multi bench                                      # stages run in the order given
@@ -92,10 +93,14 @@ for stage in "$@"; do
       pack_autotune ;;
     ddp) step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py ;;
     shard) step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
+    seqpar)   # torch (NCCL, one process a GPU), then jax (a mesh of every GPU); each against one GPU
+      step seqpar_torch "${SEQPAR_LIMIT:-280}" python3 benchmarks/sequence_parallel.py --backend torch
+      step seqpar_jax "${SEQPAR_LIMIT:-280}" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        python3 benchmarks/sequence_parallel.py --backend jax ;;
     multi)
       step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py
       step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
-    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, compare, serving, models, multi = ddp + shard)" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, compare, serving, models, seqpar, multi = ddp + shard)" >&2; exit 2 ;;
   esac
 done
 exit $status

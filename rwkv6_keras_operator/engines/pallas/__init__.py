@@ -14,6 +14,7 @@ Ships with jaxlib: no CUDA toolkit, compiler or build step. The math is docs/mat
 
 `RWKV6_PALLAS_INTERPRET=1` runs the kernels in the Pallas interpreter on any device (the CPU tests do).
 """
+import functools
 import warnings
 
 from .settings import Settings
@@ -75,9 +76,21 @@ def _traced(x):
 
 def wkv(r, k, v, w, u, s0):
     """y (B, T, H, N) in r's dtype and the float32 state after the last step (B, H, N, N)."""
+    from ...distributed.jax import time_sharding
+
+    if time_sharding():   # inputs may be sharded along T too (distributed/jax.py)
+        return _time_parallel_wkv(SETTINGS)(r, k, v, w, u, s0)
     from .binding import wkv as _wkv
 
     return _wkv(r, k, v, w, u, s0, settings=SETTINGS, in_place=_traced(r))
+
+
+@functools.lru_cache(maxsize=None)
+def _time_parallel_wkv(settings):
+    from ...distributed.jax import time_parallel
+    from .binding import wkv as _wkv
+
+    return time_parallel(functools.partial(_wkv, settings=settings))
 
 
 def decode(r, k, v, w, u, s0):

@@ -35,7 +35,10 @@ def _compiled():
     if keras.backend.backend() == "jax":
         import jax
 
-        return jax.jit(_wkv)
+        from ...distributed.jax import time_parallel, time_sharding
+
+        # several devices: inputs may be sharded along T too (distributed/jax.py)
+        return jax.jit(time_parallel(_wkv) if time_sharding() else _wkv)
     return _wkv
 
 
