@@ -184,7 +184,8 @@ def gpu_count():
 def run_setup(backend, devices, folder):
     out = os.path.join(folder, f"{backend}_{devices}.json")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(devices))), "KERAS_BACKEND": backend,
-           "RWKV6_TIME_SHARDING": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")}
+           "RWKV6_TIME_SHARDING": "1",
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")}
     print(f"== {backend}, {devices} GPU(s)", flush=True)
     proc = subprocess.run([sys.executable, __file__, "--worker", backend, "--devices", str(devices), "--out", out],
                           env=env)
