@@ -51,6 +51,9 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     b = bh // H
     h = bh % H
     base, T = chunk_rows(chunks_ptr, b, h, c, T, stride_t, N, L, VARLEN)   # the chunk's first row, rows from there on
+    if VARLEN:
+        if T <= 0:   # a chunk past the packed sequences' last one: no rows (and no state stored for it)
+            return
     kcols = tl.arange(0, N)
     vcols = kcols                                                          # all value channels
     idx = tl.arange(0, C)

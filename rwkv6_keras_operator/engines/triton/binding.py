@@ -227,7 +227,8 @@ def backward_varlen_impl(r, k, v, w, u, chunks, sequences, states, dy, dfinals, 
     dstates = torch.empty((1, H, NC, N, N), dtype=states_dtype(r), device=dev)
     ds0 = torch.empty((n, H, N, N) if has_s0 else (0,), dtype=torch.float32, device=dev)
     dr, dk, dv, dw = (torch.empty(r.shape, dtype=r.dtype, device=dev) for _ in range(4))
-    du_part = torch.empty((1, H, NC * (L // C), N), dtype=torch.float32, device=dev)
+    # one row a program; zeros: the programs of the unused chunks return before they write theirs
+    du_part = torch.zeros((1, H, NC * (L // C), N), dtype=torch.float32, device=dev)
     p = precisions(r)
     with _device(r):
         launch_scan(r, dy, w, dfinals, ds0 if has_s0 else None, dstates, True, p, settings, L, varlen)
