@@ -12,12 +12,13 @@ and scalars only).
 
 Packed sequences (cu_seqlens, B == 1; docs/math.md "Packed sequences", the chunks re-cut per sequence):
 
-    rwkv6_triton::forward_varlen(r, k, v, w, u, s0?, chunks, sequences, settings) -> (y, finals, states)
+    rwkv6_triton::forward_varlen(r, k, v, w, u, s0?, cu_seqlens, settings) -> (y, finals, states, chunks, sequences)
     rwkv6_triton::backward_varlen(r, k, v, w, u, chunks, sequences, states, dy, dfinals?, has_s0, settings)
         -> (dr, dk, dv, dw, du, ds0)
 
-`chunks`, `sequences`: the common.Varlen of cu_seqlens (made by `varlen_tables` on the device, no host sync);
-s0 and finals (n, H, N, N), one per sequence; `states` (1, H, NC, N, N) the start state of every chunk.
+`chunks`, `sequences`: the common.Varlen of cu_seqlens (varlen.varlen_tables, on the device: no host sync), saved
+for the backward with `states` (1, H, NC, N, N), the start state of every chunk; s0 and finals (n, H, N, N), one
+per sequence.
 """
 import dataclasses
 from typing import Optional
@@ -33,6 +34,7 @@ from .forward import launch_forward
 from .recurrent import launch_step, step
 from .scan import launch_scan
 from .settings import Settings
+from .varlen import varlen_tables
 
 
 def precisions(x):
@@ -186,32 +188,21 @@ def decode(r, k, v, w, u, s0=None, settings=Settings()):
 
 
 # ---------------------------------------------------------------------------------------------- packed sequences
-def varlen_tables(cu_seqlens, T, L):
-    """The common.Varlen of cu_seqlens ((n + 1,) ints) for chunks of L: computed on cu_seqlens's device by tensor
-    ops (no host sync; traceable by torch.compile with cu_seqlens a traced tensor)."""
-    cu = cu_seqlens.to(torch.int32)
-    n = cu.shape[0] - 1
-    table = packed.chunk_table(cu, T, n, L)
-    n_chunks = torch.div(cu[1:] - cu[:-1] + (L - 1), L, rounding_mode="floor").to(torch.int32)
-    first_chunk = (torch.cumsum(n_chunks, 0) - n_chunks).to(torch.int32)
-    return Varlen(table.packed.to(torch.int32).contiguous(), torch.stack([first_chunk, n_chunks], 1).contiguous())
-
-
-def forward_varlen_impl(r, k, v, w, u, s0, chunks, sequences, settings):
+def forward_varlen_impl(r, k, v, w, u, s0, cu_seqlens, settings):
     _, T, H, N = r.shape
-    n, NC = sequences.shape[0], chunks.shape[0]
+    n = cu_seqlens.shape[0] - 1
     r, k, v, w = (x.contiguous() for x in (r, k, v, w))
     u = u.to(torch.float32).contiguous()
     s0 = None if s0 is None else s0.to(torch.float32).contiguous()
-    varlen = Varlen(chunks, sequences)
+    p, L = precisions(r), settings.chunk_length(T)
     y = torch.empty(r.shape, dtype=r.dtype, device=r.device)
     finals = torch.empty((n, H, N, N), dtype=torch.float32, device=r.device)
-    states = torch.empty((1, H, NC, N, N), dtype=states_dtype(r), device=r.device)
-    p, L = precisions(r), settings.chunk_length(T)
     with _device(r):
+        varlen = varlen_tables(cu_seqlens, T, L)
+        states = torch.empty((1, H, varlen.chunks.shape[0], N, N), dtype=states_dtype(r), device=r.device)
         launch_scan(k, v, w, s0, finals, states, False, p, settings, L, varlen)
         launch_forward(r, k, v, w, u, None, states, y, p, settings, L, varlen)
-    return y, finals, states
+    return y, finals, states, varlen.chunks, varlen.sequences
 
 
 def backward_varlen_impl(r, k, v, w, u, chunks, sequences, states, dy, dfinals, has_s0, settings):
@@ -237,16 +228,19 @@ def backward_varlen_impl(r, k, v, w, u, chunks, sequences, states, dy, dfinals, 
 
 
 @torch.library.custom_op("rwkv6_triton::forward_varlen", mutates_args=())
-def forward_varlen_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Optional[Tensor], chunks: Tensor,
-                      sequences: Tensor, settings: str) -> tuple[Tensor, Tensor, Tensor]:
-    return forward_varlen_impl(r, k, v, w, u, s0, chunks, sequences, Settings.from_key(settings))
+def forward_varlen_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Optional[Tensor], cu_seqlens: Tensor,
+                      settings: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return forward_varlen_impl(r, k, v, w, u, s0, cu_seqlens, Settings.from_key(settings))
 
 
 @forward_varlen_op.register_fake
-def _forward_varlen_fake(r, k, v, w, u, s0, chunks, sequences, settings):
+def _forward_varlen_fake(r, k, v, w, u, s0, cu_seqlens, settings):
     _, T, H, N = r.shape
-    return (r.new_empty(r.shape), r.new_empty((sequences.shape[0], H, N, N), dtype=torch.float32),
-            r.new_empty((1, H, chunks.shape[0], N, N), dtype=states_dtype(r)))
+    n = cu_seqlens.shape[0] - 1
+    NC = packed.max_chunks(T, n, Settings.from_key(settings).chunk_length(T))
+    return (r.new_empty(r.shape), r.new_empty((n, H, N, N), dtype=torch.float32),
+            r.new_empty((1, H, NC, N, N), dtype=states_dtype(r)), r.new_empty((NC, 4), dtype=torch.int32),
+            r.new_empty((n, 2), dtype=torch.int32))
 
 
 @torch.library.custom_op("rwkv6_triton::backward_varlen", mutates_args=())
@@ -266,21 +260,22 @@ def _backward_varlen_fake(r, k, v, w, u, chunks, sequences, states, dy, dfinals,
 
 
 def _setup_varlen_context(ctx, inputs, output):
-    r, k, v, w, u, s0, chunks, sequences, settings = inputs
+    r, k, v, w, u, s0, cu_seqlens, settings = inputs
     ctx.set_materialize_grads(False)   # as _setup_context
     ctx.has_s0 = s0 is not None
     ctx.settings = settings
-    ctx.save_for_backward(r, k, v, w, u, chunks, sequences, output[2])
-    ctx.mark_non_differentiable(output[2])
+    states, chunks, sequences = output[2:]
+    ctx.save_for_backward(r, k, v, w, u, chunks, sequences, states)
+    ctx.mark_non_differentiable(states, chunks, sequences)
 
 
-def _backward_varlen(ctx, dy, dfinals, _dstates):
+def _backward_varlen(ctx, dy, dfinals, _dstates, _chunks, _sequences):
     r, k, v, w, u, chunks, sequences, states = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(r)
     dr, dk, dv, dw, du, ds0 = backward_varlen_op(r, k, v, w, u, chunks, sequences, states, dy, dfinals,
                                                  ctx.has_s0, ctx.settings)
-    return dr, dk, dv, dw, du.to(u.dtype), (ds0 if ctx.has_s0 else None), None, None, None
+    return dr, dk, dv, dw, du.to(u.dtype), (ds0 if ctx.has_s0 else None), None, None
 
 
 forward_varlen_op.register_autograd(_backward_varlen, setup_context=_setup_varlen_context)
@@ -289,10 +284,8 @@ forward_varlen_op.register_autograd(_backward_varlen, setup_context=_setup_varle
 def wkv_varlen(r, k, v, w, u, s0, cu_seqlens, settings=Settings()):
     """(y, finals): the engine protocol's wkv_varlen. r, k, v, w (1, T, H, N); u (H, N); s0 (n, H, N, N) or None;
     cu_seqlens (n + 1,) int tensor on r's device (checked by the caller); finals (n, H, N, N) float32."""
-    T = r.shape[1]
-    varlen = varlen_tables(cu_seqlens, T, settings.chunk_length(T))
     if _needs_graph(r, k, v, w, u, s0):
-        y, finals, _ = forward_varlen_op(r, k, v, w, u, s0, varlen.chunks, varlen.sequences, settings.key)
+        y, finals = forward_varlen_op(r, k, v, w, u, s0, cu_seqlens, settings.key)[:2]
     else:
-        y, finals, _ = forward_varlen_impl(r, k, v, w, u, s0, varlen.chunks, varlen.sequences, settings)
+        y, finals = forward_varlen_impl(r, k, v, w, u, s0, cu_seqlens, settings)[:2]
     return y, finals

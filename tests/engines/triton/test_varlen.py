@@ -14,7 +14,9 @@ import torch
 from rwkv6_keras_operator import RWKVKernelOperator
 from rwkv6_keras_operator.autodiff import vjp
 from rwkv6_keras_operator.engines import triton as engine
+from rwkv6_keras_operator.engines import packed
 from rwkv6_keras_operator.engines.triton import binding
+from rwkv6_keras_operator.engines.triton.varlen import varlen_tables
 from rwkv6_keras_operator.engines.triton.settings import Settings
 from rwkv6_keras_operator.reference import wkv_reference_varlen, wkv_reference_varlen_grads
 from tests.engines.portable.test_varlen import PACKINGS, check_packed, random_packing
@@ -33,6 +35,23 @@ def packed_call(settings=Settings()):
 
 def check(cu, dtype="float32", form="one per sequence", decay="masks", settings=Settings(), seed=None):
     check_packed(cu, dtype, form, decay, seed, fn=packed_call(settings), H=H, N=N)
+
+
+@pytest.mark.parametrize("L", [16, 32])
+def test_tables_equal_the_shared_chunk_table(L, rng):
+    """varlen_tables (two launches) holds packed.chunk_table's values: the packings of the other tests, random ones
+    with many empty sequences, and more sequences than a block of the kernels (2000 > 1024)."""
+    cases = [np.array(cu, np.int32) for cu in PACKINGS + [list(range(13)), [0, 0, 1, 1], [0, 1]]]
+    for n, T in ((7, 50), (40, 300), (2000, 3000)):
+        cases.append(np.concatenate([[0], np.sort(rng.integers(0, T + 1, n - 1)), [T]]).astype(np.int32))
+    for cu in cases:
+        T, n = int(cu[-1]), len(cu) - 1
+        want = packed.chunk_table(torch.tensor(cu), T, n, L)
+        got = varlen_tables(torch.tensor(cu, device=DEVICE), T, L)
+        assert np.array_equal(got.chunks.cpu().numpy(), want.packed.numpy()), cu
+        lengths = np.diff(cu)
+        chunks = -(-lengths // L)
+        assert np.array_equal(got.sequences.cpu().numpy(), np.stack([np.cumsum(chunks) - chunks, chunks], 1)), cu
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
