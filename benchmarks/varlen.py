@@ -8,7 +8,8 @@ and fla's chunk_rwkv6 given the same cu_seqlens, in one process.
 Cases (H = 32, N = 64, bfloat16 inputs, fwd and fwd+bwd, ms):
   packed   B = 1, T = 32768: documents of random lengths (1 + an exponential of mean 511, so mean ~512 and min 1,
            the last one cut at T; one packing, drawn from --seed), no start states. Timed through the public
-           operator (op(..., cu_seqlens=cu), which checks the offsets) and through the engine's wkv_varlen alone.
+           operator (op(..., cu_seqlens=cu), which checks the offsets: cu a NumPy array, and a device tensor, which
+           it reads back) and through the engine's wkv_varlen alone.
   fixed    B = 8, T = 4096 (the same tokens in rows of one length): the operator and the engine's wkv.
   fla      chunk_rwkv6(..., cu_seqlens=cu) on the packed row (torch; from $PEER_PYTHONPATH, as benchmarks/peers/):
            its w is the log decay -exp(w). It autotunes at first use of a shape: one packing, warmed up once.
@@ -86,16 +87,19 @@ class Report:
         return next((row.get(key) for row in self.data["rows"] if row["case"] == case and row["what"] == what), None)
 
     def ratios(self):
-        """packed / fixed (goal <= 1.15) and packed / fla (goal <= 0.5), per path and pass."""
+        """packed / fixed of the same path (goal <= 1.15) and packed / fla (goal <= 0.5), per pass."""
         out = {}
         for key in ("fwd_ms", "fwd_bwd_ms"):
-            for what in ("operator", "engine"):
-                packed, fixed = self.ms("packed", what, key), self.ms("fixed", what, key)
-                if packed and fixed:
-                    out[f"packed/fixed {what} {key[:-3]}"] = packed / fixed
-                fla = self.ms("fla", "chunk_rwkv6 cu_seqlens", key)
-                if packed and fla:
-                    out[f"packed/fla {what} {key[:-3]}"] = packed / fla
+            fla = self.ms("fla", "chunk_rwkv6 cu_seqlens", key)
+            for row in self.data["rows"]:
+                packed = row.get(key)
+                if row["case"] != "packed" or not packed:
+                    continue
+                fixed = self.ms("fixed", row["what"].split(" (")[0], key)
+                if fixed:
+                    out[f"packed/fixed {row['what']} {key[:-3]}"] = packed / fixed
+                if fla:
+                    out[f"packed/fla {row['what']} {key[:-3]}"] = packed / fla
         self.data["ratios"] = out
         return out
 
@@ -178,7 +182,12 @@ def run_torch(args, shapes, cu, report):
 
     # packed: one row of documents, through the operator and through the engine alone
     leaves, dy = tensors(1, T)
-    timed("packed", "operator", lambda r, k, v, w, u: op(r, k, v, w, u, cu_seqlens=cu_t)[0], leaves, dy)
+    # the offsets as a data loader gives them (NumPy: checked on the host), and as a device tensor (checked by
+    # reading it back: a host sync each call)
+    timed("packed", "operator (cu_seqlens NumPy)", lambda r, k, v, w, u: op(r, k, v, w, u, cu_seqlens=cu)[0],
+          leaves, dy)
+    timed("packed", "operator (cu_seqlens tensor)", lambda r, k, v, w, u: op(r, k, v, w, u, cu_seqlens=cu_t)[0],
+          leaves, dy)
     timed("packed", "engine", lambda r, k, v, w, u: engine.wkv_varlen(
         *(a.view(1, T, H, N) for a in (r, k, v, w)), u.float(), None, cu_t)[0], leaves, dy)
     fla = peer_fla() if cuda else None
