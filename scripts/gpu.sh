@@ -9,7 +9,7 @@
 #   bash scripts/gpu.sh multi    # 2+ GPUs: benchmarks/ddp_torch.py (torch DDP), benchmarks/shard_jax.py (or: ddp, shard)
 #   bash scripts/gpu.sh serving  # benchmarks/serving.py: decode through the operator, B=4096 against copy, the pool
 #   bash scripts/gpu.sh models   # benchmarks/models_e2e.py: the RWKV-6 169M model, training step and generation
-#   bash scripts/gpu.sh varlen   # benchmarks/varlen.py: packed sequences (cu_seqlens) against fixed length and fla
+#   bash scripts/gpu.sh varlen   # benchmarks/varlen.py: packed sequences (cu_seqlens) vs fixed length and fla
 #   bash scripts/gpu.sh tests multi bench                                      # stages run in the order given
 #
 # The peers (and keras, where the machine lacks it) come from scripts/peers.sh: `bash scripts/peers.sh download`
