@@ -6,6 +6,7 @@ bundles its ptxas; with another version it may differ (benchmarks/notes_triton.m
     KERAS_BACKEND=torch python benchmarks/triton_compile_report.py            # N = 64, bf16, the default chunk
     CHUNKS=32/32,64/32 WARPS=4,8 N=64 DTYPE=bfloat16 MAXNREG=128 python benchmarks/triton_compile_report.py
     LINES=20 WARPS=4 python benchmarks/triton_compile_report.py               # + instructions a warp executes, by line
+    VARLEN=1 python benchmarks/triton_compile_report.py                       # the kernels of packed sequences
 
 LINES=K also counts the instructions a warp executes (a loop's body times its trip count: the backward kernel's
 one loop is the level loop, LOG_C - 1 trips, when L == C) and lists the K source lines that execute the most
@@ -45,7 +46,8 @@ def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
         elif name.endswith("_ptr"):
             fp32 = name in ("u_ptr", "s0_ptr", "du_ptr") or (name in ("states_ptr", "dstates_ptr") and
                                                              dtype != "bfloat16")   # Precisions.states_dtype
-            signature[name] = "*" + ("fp32" if fp32 else TYPES[dtype])
+            signature[name] = "*" + ("i32" if name in ("chunks_ptr", "sequences_ptr") else
+                                     "fp32" if fp32 else TYPES[dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
@@ -118,11 +120,13 @@ def main():
     warps_list = [int(w) for w in os.environ.get("WARPS", "4,8").split(",")]
     maxnreg = int(os.environ["MAXNREG"]) if os.environ.get("MAXNREG") else None
     top = int(os.environ.get("LINES", "0"))
+    varlen = os.environ.get("VARLEN", "0") == "1"   # the kernels of packed sequences (chunks from the chunk table)
     p = precision_args(precisions(dtype))
     print(f"N={N} {dtype} precisions {p}; triton {triton.__version__}, sm_90")
     for L, C in chunks:
         # as the benchmark's calls: no start state, several chunks (the stored chunk states)
-        common = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **p, HAS_S0=False, s0_ptr=None, HAS_STATES=True)
+        common = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **p, HAS_S0=False, s0_ptr=None, HAS_STATES=True,
+                      VARLEN=varlen, **({} if varlen else {"chunks_ptr": None}))
         for warps in warps_list:
             for name, fn, extra, stages in (("forward", forward.forward_kernel, {"BV": N}, 2),
                                             ("backward", backward.backward_kernel, {}, 1)):

@@ -10,6 +10,7 @@
 #   bash scripts/gpu.sh seqpar   # 2+ GPUs: benchmarks/sequence_parallel.py, one sequence cut along T (torch NCCL, jax)
 #   bash scripts/gpu.sh serving  # benchmarks/serving.py: decode through the operator, B=4096 against copy, the pool
 #   bash scripts/gpu.sh models   # benchmarks/models_e2e.py: the RWKV-6 169M model, training step and generation
+#   bash scripts/gpu.sh varlen   # benchmarks/varlen.py: packed sequences (cu_seqlens) vs fixed length and fla
 #   bash scripts/gpu.sh tests multi bench                                      # stages run in the order given
 #
 # The peers (and keras, where the machine lacks it) come from scripts/peers.sh: `bash scripts/peers.sh download`
@@ -91,6 +92,11 @@ for stage in "$@"; do
       step models_e2e "${MODELS_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 \
         python3 benchmarks/models_e2e.py --timeout $(( (${MODELS_LIMIT:-560} - 20) / 3 ))
       pack_autotune ;;
+    varlen)    # packed sequences: one process per backend (GPU 0); fla's chunk_rwkv6 from $PEER_PYTHONPATH in torch's
+      step varlen_torch "${VARLEN_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/varlen.py --backend torch
+      step varlen_jax "${VARLEN_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 \
+        python3 benchmarks/varlen.py --backend jax
+      pack_autotune ;;
     ddp) step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py ;;
     shard) step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
     seqpar)   # torch (NCCL, one process a GPU), then jax (a mesh of every GPU); each against one GPU
@@ -100,7 +106,7 @@ for stage in "$@"; do
     multi)
       step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py
       step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
-    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, compare, serving, models, seqpar, multi = ddp + shard)" >&2; exit 2 ;;
+    *) echo "usage: bash scripts/gpu.sh STAGE... (tests, bench, compare, serving, models, varlen, seqpar, multi = ddp + shard)" >&2; exit 2 ;;
   esac
 done
 exit $status

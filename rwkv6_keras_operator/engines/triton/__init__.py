@@ -71,6 +71,10 @@ def wkv(r, k, v, w, u, s0):
     return _binding().wkv(r, k, v, w, u, s0, SETTINGS)
 
 
+def wkv_varlen(r, k, v, w, u, s0, cu_seqlens):
+    return _binding().wkv_varlen(r, k, v, w, u, s0, cu_seqlens, SETTINGS)
+
+
 def decode(r, k, v, w, u, s0):
     return _binding().decode(r, k, v, w, u, s0, SETTINGS)
 

@@ -30,7 +30,7 @@ included), as for the true gradient.
 import triton
 import triton.language as tl
 
-from .common import (G_ZERO, exp, g_rows, head_base, load_rows, load_rows_cached, mm, precision_args, row_base,
+from .common import (G_ZERO, chunk_rows, exp, g_rows, load_rows, load_rows_cached, mm, precision_args,
                      store_rows)
 from .levels import pair_grads, pre_factor, suf_factor
 from .masks import after_mask, before_mask, masked_sum
@@ -39,19 +39,21 @@ from .sub_blocks import step_over, sub_block, sub_block_start
 
 @triton.jit
 def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstates_ptr, dy_ptr,
-                    dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr,
+                    dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr, chunks_ptr,
                     T, H, NC, stride_t,
                     N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
                     STATE_PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
-                    HAS_S0: tl.constexpr, HAS_STATES: tl.constexpr):
+                    HAS_S0: tl.constexpr, HAS_STATES: tl.constexpr, VARLEN: tl.constexpr):
     tl.static_assert(C == 1 << LOG_C, "the sub-block C must be 2^LOG_C rows")
     tl.static_assert(L % C == 0, "a chunk of L rows must be whole sub-blocks of C rows")
     pid = tl.program_id(0)
     bh, c, J = sub_block(pid, NC, L, C)
     b = bh // H
     h = bh % H
-    base = row_base(head_base(b, h, T, stride_t, N), c * L, stride_t)   # the chunk's first row
-    T = T - c * L                                                          # rows from there on
+    base, T = chunk_rows(chunks_ptr, b, h, c, T, stride_t, N, L, VARLEN)   # the chunk's first row, rows from there on
+    if VARLEN:
+        if T <= 0:   # a chunk past the packed sequences' last one: no rows (and no state stored for it)
+            return
     kcols = tl.arange(0, N)
     vcols = kcols                                                          # all value channels
     idx = tl.arange(0, C)
@@ -70,7 +72,7 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     u_dA = u[None, :] * dA_diag[:, None]
     # through the state at the sub-block's start: S_J, read by every row (pre_t holds d_m for m < t)
     S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, kcols, vcols,
-                        N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC, HAS_S0, HAS_STATES)
+                        N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC, HAS_S0, HAS_STATES, VARLEN)
     x_state = pre_factor(g, LOG_C, C, PIECES, MASK_PREC) * mm(dy, tl.trans(S), STATE_PREC)    # pre_t * (S_J dy_t)
     store_rows(dr_ptr, base, rows, T, kcols, stride_t, dr + u_dA * k + x_state)
     dg += masked_sum(after_mask(C, LOG_C), r * x_state, DG_PIECES, MASK_PREC)      # sum over t > m
@@ -92,18 +94,21 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     tl.store(du_ptr + pid.to(tl.int64) * N + kcols, tl.sum(r * k * dA_diag[:, None], 0))
 
 
-def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, settings, L):
+def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, settings, L,
+                    varlen=None):
     """precisions: the shared.Precisions of the inputs; settings: settings.Settings; L: the chunk length;
-    du_part: (B * H * NC * L / C, N) float32."""
+    du_part: (B * H * NC * L / C, N) float32; varlen: None, or for packed sequences their common.Varlen (as
+    launch_forward)."""
     B, T, H, N = r.shape
-    NC = -(-T // L)
+    chunks = None if varlen is None else varlen.chunks
+    NC = -(-T // L) if varlen is None else chunks.shape[0]
     C = settings.sub_block
     launch = settings.backward_for(N)
     grid = (B * H * NC * (L // C),)
     has_states = states.numel() > 0   # none when NC == 1
     backward_kernel[grid](r, k, v, w, u, s0, states if has_states else None, dstates, dy,
-                          dr, dk, dv, dw, du_part, T, H, NC, H * N,
+                          dr, dk, dv, dw, du_part, chunks, T, H, NC, H * N,
                           N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions),
-                          HAS_S0=s0 is not None, HAS_STATES=has_states,
+                          HAS_S0=s0 is not None, HAS_STATES=has_states, VARLEN=varlen is not None,
                           num_warps=launch.num_warps, num_stages=launch.num_stages,
                           **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}))

@@ -9,6 +9,16 @@ anywhere: shapes alone decide every launch).
 the backward (the start of chunk 0 is s0 itself), in `states_dtype` (shared.Precisions.states_dtype).
 T == 1 runs the one-step kernel (decode). `settings` is a settings.Settings as its key string (an op takes tensors
 and scalars only).
+
+Packed sequences (cu_seqlens, B == 1; docs/math.md "Packed sequences", the chunks re-cut per sequence):
+
+    rwkv6_triton::forward_varlen(r, k, v, w, u, s0?, cu_seqlens, settings) -> (y, finals, states, chunks, sequences)
+    rwkv6_triton::backward_varlen(r, k, v, w, u, chunks, sequences, states, dy, dfinals?, has_s0, settings)
+        -> (dr, dk, dv, dw, du, ds0)
+
+`chunks`, `sequences`: the common.Varlen of cu_seqlens (varlen.varlen_tables, on the device: no host sync), saved
+for the backward with `states` (1, H, NC, N, N), the start state of every chunk; s0 and finals (n, H, N, N), one
+per sequence.
 """
 import dataclasses
 from typing import Optional
@@ -16,13 +26,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import shared
+from .. import packed, shared
 from ..shared import Precision
 from .backward import launch_backward
+from .common import Varlen
 from .forward import launch_forward
 from .recurrent import launch_step, step
 from .scan import launch_scan
 from .settings import Settings
+from .varlen import varlen_tables
 
 
 def precisions(x):
@@ -173,3 +185,107 @@ def decode(r, k, v, w, u, s0=None, settings=Settings()):
         y, state = wkv(*(x.reshape(B, T, H, N) for x in (r, k, v, w)), u, s0, settings)
         return y.reshape(B, T, C), state
     return step(r, k, v, w, u, s0)
+
+
+# ---------------------------------------------------------------------------------------------- packed sequences
+def forward_varlen_impl(r, k, v, w, u, s0, cu_seqlens, settings):
+    _, T, H, N = r.shape
+    n = cu_seqlens.shape[0] - 1
+    r, k, v, w = (x.contiguous() for x in (r, k, v, w))
+    u = u.to(torch.float32).contiguous()
+    s0 = None if s0 is None else s0.to(torch.float32).contiguous()
+    p, L = precisions(r), settings.chunk_length(T)
+    y = torch.empty(r.shape, dtype=r.dtype, device=r.device)
+    finals = torch.empty((n, H, N, N), dtype=torch.float32, device=r.device)
+    with _device(r):
+        varlen = varlen_tables(cu_seqlens, T, L)
+        states = torch.empty((1, H, varlen.chunks.shape[0], N, N), dtype=states_dtype(r), device=r.device)
+        launch_scan(k, v, w, s0, finals, states, False, p, settings, L, varlen)
+        launch_forward(r, k, v, w, u, None, states, y, p, settings, L, varlen)
+    return y, finals, states, varlen.chunks, varlen.sequences
+
+
+def backward_varlen_impl(r, k, v, w, u, chunks, sequences, states, dy, dfinals, has_s0, settings):
+    _, T, H, N = r.shape
+    n, NC = sequences.shape[0], chunks.shape[0]
+    L, C = settings.chunk_length(T), settings.sub_block
+    r, k, v, w = (x.contiguous() for x in (r, k, v, w))
+    u = u.to(torch.float32).contiguous()
+    dy = dy.to(r.dtype).contiguous()
+    dfinals = None if dfinals is None else dfinals.to(torch.float32).contiguous()
+    dev = r.device
+    varlen = Varlen(chunks, sequences)
+    dstates = torch.empty((1, H, NC, N, N), dtype=states_dtype(r), device=dev)
+    ds0 = torch.empty((n, H, N, N) if has_s0 else (0,), dtype=torch.float32, device=dev)
+    dr, dk, dv, dw = (torch.empty(r.shape, dtype=r.dtype, device=dev) for _ in range(4))
+    # one row a program; zeros: the programs of the unused chunks return before they write theirs
+    du_part = torch.zeros((1, H, NC * (L // C), N), dtype=torch.float32, device=dev)
+    p = precisions(r)
+    with _device(r):
+        launch_scan(r, dy, w, dfinals, ds0 if has_s0 else None, dstates, True, p, settings, L, varlen)
+        launch_backward(r, k, v, w, u, None, states, dstates, dy, dr, dk, dv, dw, du_part, p, settings, L, varlen)
+    return dr, dk, dv, dw, du_part.sum((0, 2)), ds0
+
+
+@torch.library.custom_op("rwkv6_triton::forward_varlen", mutates_args=())
+def forward_varlen_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, s0: Optional[Tensor], cu_seqlens: Tensor,
+                      settings: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return forward_varlen_impl(r, k, v, w, u, s0, cu_seqlens, Settings.from_key(settings))
+
+
+@forward_varlen_op.register_fake
+def _forward_varlen_fake(r, k, v, w, u, s0, cu_seqlens, settings):
+    _, T, H, N = r.shape
+    n = cu_seqlens.shape[0] - 1
+    NC = packed.max_chunks(T, n, Settings.from_key(settings).chunk_length(T))
+    return (r.new_empty(r.shape), r.new_empty((n, H, N, N), dtype=torch.float32),
+            r.new_empty((1, H, NC, N, N), dtype=states_dtype(r)), r.new_empty((NC, 4), dtype=torch.int32),
+            r.new_empty((n, 2), dtype=torch.int32))
+
+
+@torch.library.custom_op("rwkv6_triton::backward_varlen", mutates_args=())
+def backward_varlen_op(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, chunks: Tensor, sequences: Tensor,
+                       states: Tensor, dy: Tensor, dfinals: Optional[Tensor], has_s0: bool, settings: str
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backward_varlen_impl(r, k, v, w, u, chunks, sequences, states, dy, dfinals, has_s0,
+                                Settings.from_key(settings))
+
+
+@backward_varlen_op.register_fake
+def _backward_varlen_fake(r, k, v, w, u, chunks, sequences, states, dy, dfinals, has_s0, settings):
+    _, T, H, N = r.shape
+    ds0 = r.new_empty((sequences.shape[0], H, N, N) if has_s0 else (0,), dtype=torch.float32)
+    return (r.new_empty(r.shape), r.new_empty(r.shape), r.new_empty(r.shape), r.new_empty(r.shape),
+            u.new_empty((H, N), dtype=torch.float32), ds0)
+
+
+def _setup_varlen_context(ctx, inputs, output):
+    r, k, v, w, u, s0, cu_seqlens, settings = inputs
+    ctx.set_materialize_grads(False)   # as _setup_context
+    ctx.has_s0 = s0 is not None
+    ctx.settings = settings
+    states, chunks, sequences = output[2:]
+    ctx.save_for_backward(r, k, v, w, u, chunks, sequences, states)
+    ctx.mark_non_differentiable(states, chunks, sequences)
+
+
+def _backward_varlen(ctx, dy, dfinals, _dstates, _chunks, _sequences):
+    r, k, v, w, u, chunks, sequences, states = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(r)
+    dr, dk, dv, dw, du, ds0 = backward_varlen_op(r, k, v, w, u, chunks, sequences, states, dy, dfinals,
+                                                 ctx.has_s0, ctx.settings)
+    return dr, dk, dv, dw, du.to(u.dtype), (ds0 if ctx.has_s0 else None), None, None
+
+
+forward_varlen_op.register_autograd(_backward_varlen, setup_context=_setup_varlen_context)
+
+
+def wkv_varlen(r, k, v, w, u, s0, cu_seqlens, settings=Settings()):
+    """(y, finals): the engine protocol's wkv_varlen. r, k, v, w (1, T, H, N); u (H, N); s0 (n, H, N, N) or None;
+    cu_seqlens (n + 1,) int tensor on r's device (checked by the caller); finals (n, H, N, N) float32."""
+    if _needs_graph(r, k, v, w, u, s0):
+        y, finals = forward_varlen_op(r, k, v, w, u, s0, cu_seqlens, settings.key)[:2]
+    else:
+        y, finals = forward_varlen_impl(r, k, v, w, u, s0, cu_seqlens, settings)[:2]
+    return y, finals

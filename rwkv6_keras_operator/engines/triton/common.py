@@ -11,16 +11,28 @@ as a masked product on the tensor cores (masks.masked_sum, in the chunk kernels 
 difference of running sums (that cancels when one g is huge, e.g. -1e26), so every exponent is <= 0.
 """
 import os
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
 
-from .. import shared
+from .. import packed, shared
 
 # The shared constants (engines/shared.py) as constexprs, the only globals a @triton.jit function may read.
 G_ZERO = tl.constexpr(shared.G_ZERO)
 W_MAX = tl.constexpr(shared.W_MAX)
 LOG2E = tl.constexpr(shared.LOG2E)
+# The columns of a packed call's chunk table (packed.ChunkTable.packed, (NC, 4) int32 a row per chunk).
+START = tl.constexpr(packed.START)
+COUNT = tl.constexpr(packed.COUNT)
+
+
+class Varlen(NamedTuple):
+    """The packed sequences of a call (B == 1, cu_seqlens), as the kernels read them: `chunks` the chunk table
+    (NC, 4) int32 (packed.ChunkTable.packed); `sequences` (n, 2) int32, each sequence's first chunk and number of
+    chunks (the scan walks a sequence's chunks)."""
+    chunks: object
+    sequences: object
 # Compiled kernels take exp as one instruction (`exp` below); the interpreter (TRITON_INTERPRET=1, read by triton when
 # the kernels are defined, as here) runs no inline assembly.
 FAST_EXP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").strip() != "1")
@@ -108,14 +120,32 @@ def g_rows(w_ptr, base, rows, selected, T, cols, stride_t):
 
 
 @triton.jit
+def chunk_rows(chunks_ptr, b, h, c, T, stride_t, N: tl.constexpr, L: tl.constexpr, VARLEN: tl.constexpr):
+    """(base, rows): the int64 offset of chunk c's first row and the rows from there on. Fixed length: chunk c is rows
+    c * L .. of batch row b; VARLEN (packed sequences, B == 1): row chunks[c, START] on, chunks[c, COUNT] rows (0 for
+    an unused chunk), so rows past the chunk's sequence read as past the end."""
+    head = head_base(b, h, T, stride_t, N)
+    if VARLEN:
+        start = tl.load(chunks_ptr + c * 4 + START)
+        count = tl.load(chunks_ptr + c * 4 + COUNT)
+    else:
+        start = c * L
+        count = T - c * L
+    return row_base(head, start, stride_t), count
+
+
+@triton.jit
 def chunk_start_state(s0_ptr, states_ptr, bh, c, NC, kcols, vcols, N: tl.constexpr, HAS_S0: tl.constexpr,
-                      HAS_STATES: tl.constexpr):
+                      HAS_STATES: tl.constexpr, VARLEN: tl.constexpr):
     """State at the start of chunk c, rows kcols x columns vcols: s0 for chunk 0 (zero without one: HAS_S0 False), else
     states[bh, c - 1] (states holds the start states of chunks 1 .. NC-1, (B*H, NC-1, N, N); none when NC == 1:
-    HAS_STATES False)."""
+    HAS_STATES False). VARLEN: states[bh, c] (packed sequences: the start states of all NC chunks, (H, NC, N, N),
+    each sequence's first one its start state)."""
     state_offs = kcols[:, None] * N + vcols[None, :]
     S = tl.zeros(state_offs.shape, dtype=tl.float32)
-    if c == 0:
+    if VARLEN:
+        S = tl.load(states_ptr + (bh.to(tl.int64) * NC + c) * N * N + state_offs).to(tl.float32)
+    elif c == 0:
         if HAS_S0:
             S = tl.load(s0_ptr + bh.to(tl.int64) * N * N + state_offs).to(tl.float32)
     else:

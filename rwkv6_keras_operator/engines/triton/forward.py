@@ -15,25 +15,27 @@ does not hold registers while the pairs are built.
 import triton
 import triton.language as tl
 
-from .common import g_rows, head_base, load_rows, mm, precision_args, row_base, store_rows
+from .common import chunk_rows, g_rows, load_rows, mm, precision_args, store_rows
 from .levels import pair_scores, pre_factor
 from .sub_blocks import sub_block, sub_block_start
 
 
 @triton.jit
-def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
+def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr, chunks_ptr,
                    T, H, NC, stride_t,
                    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
                    PREC: tl.constexpr, STATE_PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
-                   HAS_S0: tl.constexpr, HAS_STATES: tl.constexpr):
+                   HAS_S0: tl.constexpr, HAS_STATES: tl.constexpr, VARLEN: tl.constexpr):
     tl.static_assert(C == 1 << LOG_C, "the sub-block C must be 2^LOG_C rows")
     tl.static_assert(L % C == 0, "a chunk of L rows must be whole sub-blocks of C rows")
     tl.static_assert(N % BV == 0, "the value block BV must divide the head size N")
     bh, c, J = sub_block(tl.program_id(0), NC, L, C)
     b = bh // H
     h = bh % H
-    base = row_base(head_base(b, h, T, stride_t, N), c * L, stride_t)   # the chunk's first row
-    T = T - c * L                                                          # rows from there on
+    base, T = chunk_rows(chunks_ptr, b, h, c, T, stride_t, N, L, VARLEN)   # the chunk's first row, rows from there on
+    if VARLEN:
+        if T <= 0:   # a chunk past the packed sequences' last one: no rows (and no state stored for it)
+            return
     kcols = tl.arange(0, N)
     vcols = tl.program_id(1) * BV + tl.arange(0, BV)
     idx = tl.arange(0, C)
@@ -48,22 +50,25 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
     v = load_rows(v_ptr, base, rows, T, vcols, stride_t)
     y = mm(A, v, PREC) + bonus[:, None] * v                             # the pairs, and the bonus
     S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, kcols, vcols,
-                        N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC, HAS_S0, HAS_STATES)     # (N, BV)
+                        N, C, LOG_C, STATE_PREC, PIECES, MASK_PREC, HAS_S0, HAS_STATES, VARLEN)  # (N, BV)
     y += mm(rq, S, STATE_PREC)                                                # through the state
     store_rows(y_ptr, base, rows, T, vcols, stride_t, y)
 
 
-def launch_forward(r, k, v, w, u, s0, states, y, precisions, settings, L):
-    """precisions: the shared.Precisions of the inputs; settings: settings.Settings; L: the chunk length."""
+def launch_forward(r, k, v, w, u, s0, states, y, precisions, settings, L, varlen=None):
+    """precisions: the shared.Precisions of the inputs; settings: settings.Settings; L: the chunk length; varlen:
+    None, or for packed sequences (B == 1) their common.Varlen, with states (1, H, NC, N, N) (s0 None: the first
+    chunks' start states are in `states`)."""
     B, T, H, N = r.shape
-    NC = -(-T // L)
+    chunks = None if varlen is None else varlen.chunks
+    NC = -(-T // L) if varlen is None else chunks.shape[0]
     C = settings.sub_block
     launch = settings.forward_for(N)
     BV = launch.block_v
     grid = (B * H * NC * (L // C), N // BV)
     has_states = states.numel() > 0   # none when NC == 1
-    forward_kernel[grid](r, k, v, w, u, s0, states if has_states else None, y, T, H, NC, H * N,
+    forward_kernel[grid](r, k, v, w, u, s0, states if has_states else None, y, chunks, T, H, NC, H * N,
                          N=N, BV=BV, L=L, C=C, LOG_C=C.bit_length() - 1,
                          **precision_args(precisions, "PREC", "STATE_PREC", "PIECES", "MASK_PREC"),
-                         HAS_S0=s0 is not None, HAS_STATES=has_states,
+                         HAS_S0=s0 is not None, HAS_STATES=has_states, VARLEN=varlen is not None,
                          num_warps=launch.num_warps, **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}))

@@ -23,8 +23,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import exp, g_rows, head_base, load_rows, mm, precision_args, row_base
+from .common import COUNT, START, exp, g_rows, head_base, load_rows, mm, precision_args, row_base
 from .masks import after_mask, before_mask, column_sums, masked_sum
+
+
+@triton.jit
+def chunk_step(S, a_ptr, b_ptr, w_ptr, base, Tc, stride_t, kcols, vcols, L: tl.constexpr, LOG_L: tl.constexpr,
+               BV: tl.constexpr, REVERSE: tl.constexpr, STATE_PREC: tl.constexpr, PIECES: tl.constexpr,
+               MASK_PREC: tl.constexpr):
+    """(S carried over the chunk of Tc rows (at most L) from `base`, the chunk's g_tot): the update of the module
+    docstring."""
+    idx = tl.arange(0, L)
+    rows = idx
+    a = load_rows(a_ptr, base, rows, Tc, kcols, stride_t)     # (L, BK)
+    bm = load_rows(b_ptr, base, rows, Tc, vcols, stride_t)    # (L, BV)
+    # the decay from each row to the chunk's end (forward: suf) or from its start (backward: pre), as direct
+    # sums of g: masked products on the tensor cores (masks.masked_sum), not differences of running sums
+    g = g_rows(w_ptr, base, rows, idx >= 0, Tc, kcols, stride_t)
+    if REVERSE:
+        g_decay = masked_sum(before_mask(L, LOG_L), g, PIECES, MASK_PREC)
+    else:
+        g_decay = masked_sum(after_mask(L, LOG_L), g, PIECES, MASK_PREC)
+    # g_tot[i, j] = sum of g over the chunk for key i, in every value column j: a product on the tensor cores
+    # too, which leaves the result in the layout of the products (a reduction over the rows crosses warps)
+    g_tot = column_sums(g, L, BV, PIECES, MASK_PREC)
+    aq = a * exp(g_decay)
+    return exp(g_tot) * S + mm(tl.trans(aq), bm, STATE_PREC), g_tot
 
 
 @triton.jit
@@ -43,7 +67,6 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, last_ptr, states_ptr, seg_p
     head = head_base(b, h, T, stride_t, N)
     kcols = tl.program_id(1) * BK + tl.arange(0, BK)   # key channels of this tile
     vcols = tl.program_id(2) * BV + tl.arange(0, BV)   # value channels
-    idx = tl.arange(0, L)
     state_offs = kcols[:, None] * N + vcols[None, :]
     # per-key sums are (BK, BV) tiles, every column the same: written from the first value channel only
     per_key = (kcols[:, None] * 0 + vcols[None, :]) == 0
@@ -64,22 +87,8 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, last_ptr, states_ptr, seg_p
         if REVERSE and G > 1:   # the decay from the end of chunk c to the end of the segment
             tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, g_seg, mask=per_key)
         base = row_base(head, c * L, stride_t)                 # chunk c's first row; rows relative to it
-        Tc = T - c * L
-        rows = idx
-        a = load_rows(a_ptr, base, rows, Tc, kcols, stride_t)     # (L, BK)
-        bm = load_rows(b_ptr, base, rows, Tc, vcols, stride_t)    # (L, BV)
-        # the decay from each row to the chunk's end (forward: suf) or from its start (backward: pre), as direct
-        # sums of g: masked products on the tensor cores (masks.masked_sum), not differences of running sums
-        g = g_rows(w_ptr, base, rows, idx >= 0, Tc, kcols, stride_t)
-        if REVERSE:
-            g_decay = masked_sum(before_mask(L, LOG_L), g, PIECES, MASK_PREC)
-        else:
-            g_decay = masked_sum(after_mask(L, LOG_L), g, PIECES, MASK_PREC)
-        # g_tot[i, j] = sum of g over the chunk for key i, in every value column j: a product on the tensor cores
-        # too, which leaves the result in the layout of the products (a reduction over the rows crosses warps)
-        g_tot = column_sums(g, L, BV, PIECES, MASK_PREC)
-        aq = a * exp(g_decay)
-        S = exp(g_tot) * S + mm(tl.trans(aq), bm, STATE_PREC)
+        S, g_tot = chunk_step(S, a_ptr, b_ptr, w_ptr, base, T - c * L, stride_t, kcols, vcols, L, LOG_L, BV,
+                              REVERSE, STATE_PREC, PIECES, MASK_PREC)
         g_seg += g_tot
         if not REVERSE and G > 1:   # the decay from the start of the segment to the end of chunk c
             tl.store(cum_ptr + (bh.to(tl.int64) * NC + c) * N + key_offs, g_seg, mask=per_key)
@@ -93,6 +102,49 @@ def state_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, last_ptr, states_ptr, seg_p
     else:
         tl.store(seg_ptr + (bh.to(tl.int64) * G + seg) * N * N + state_offs, S)
         tl.store(seg_log_ptr + (bh.to(tl.int64) * G + seg) * N + key_offs, g_seg, mask=per_key)
+
+
+@triton.jit
+def varlen_scan_kernel(a_ptr, b_ptr, w_ptr, init_ptr, last_ptr, states_ptr, chunks_ptr, sequences_ptr,
+                       H, n, NC, stride_t,
+                       N: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_LAST: tl.constexpr,
+                       STATE_PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+    """The scan of packed sequences (B == 1): one program per (head, sequence, tile) walks its sequence's own chunks
+    (the sequences are independent: they are the segments, each from its own start). sequences (n, 2) int32: the
+    first chunk and the number of chunks of each sequence; chunks: the chunk table (packed.ChunkTable.packed).
+
+    Forward: from S = init[i] (s0 of sequence i, or 0), stores S at the start of every chunk (states (H, NC, N, N))
+    and the sequence's final state in last[i]. Backward (REVERSE): from S = init[i] (the gradient of sequence i's
+    final state, or 0), stores S at the end of every chunk and the gradient of its start state in last[i]. An empty
+    sequence walks no chunk: its final state is its start state (backward: the gradient passes straight through)."""
+    tl.static_assert(L == 1 << LOG_L, "the chunk must be L = 2^LOG_L rows")
+    tl.static_assert(N % BK == 0, "the key block BK must divide the head size N")
+    tl.static_assert(N % BV == 0, "the value block BV must divide the head size N")
+    h = tl.program_id(0) // n
+    seq = tl.program_id(0) % n
+    head = h.to(tl.int64) * N                             # (t=0, h, 0) of the one batch row
+    kcols = tl.program_id(1) * BK + tl.arange(0, BK)   # key channels of this tile
+    vcols = tl.program_id(2) * BV + tl.arange(0, BV)   # value channels
+    state_offs = kcols[:, None] * N + vcols[None, :]
+    own = (seq.to(tl.int64) * H + h) * N * N + state_offs     # sequence seq's state in an (n, H, N, N) tensor
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        S = tl.load(init_ptr + own).to(tl.float32)
+    first = tl.load(sequences_ptr + 2 * seq)
+    count = tl.load(sequences_ptr + 2 * seq + 1)
+    for step in range(count):
+        if REVERSE:
+            c = first + count - 1 - step
+        else:
+            c = first + step
+        # the state at the chunk's start (backward: the gradient at its end)
+        tl.store(states_ptr + (h.to(tl.int64) * NC + c) * N * N + state_offs, S.to(states_ptr.dtype.element_ty))
+        base = row_base(head, tl.load(chunks_ptr + c * 4 + START), stride_t)
+        S, g_tot = chunk_step(S, a_ptr, b_ptr, w_ptr, base, tl.load(chunks_ptr + c * 4 + COUNT), stride_t, kcols,
+                              vcols, L, LOG_L, BV, REVERSE, STATE_PREC, PIECES, MASK_PREC)
+    if STORE_LAST:
+        tl.store(last_ptr + own, S)
 
 
 @triton.jit
@@ -134,11 +186,23 @@ def fixup_kernel(states_ptr, seg_ptr, cum_ptr, NC, M, SEG, N: tl.constexpr, G: t
     tl.store(states_ptr + offs, fixed.to(states_ptr.dtype.element_ty))
 
 
-def launch_scan(a, b, w, init, last, states, reverse, precisions, settings, L):
+def launch_scan(a, b, w, init, last, states, reverse, precisions, settings, L, varlen=None):
     """a, b, w: (B, T, H, N); init: (B, H, N, N) float32 or None; last: (B, H, N, N) or None (not stored);
     states: (B, H, NC - 1, N, N) forward / (B, H, NC, N, N) backward, in precisions.states_dtype;
-    precisions: the shared.Precisions of the inputs; settings: settings.Settings; L: the chunk length."""
+    precisions: the shared.Precisions of the inputs; settings: settings.Settings; L: the chunk length.
+    varlen: None, or for packed sequences (B == 1) their common.Varlen: then init and last are (n, H, N, N), one
+    per sequence, and states (1, H, NC, N, N) both ways (varlen_scan_kernel)."""
     B, T, H, N = a.shape
+    if varlen is not None:
+        NC, n = varlen.chunks.shape[0], varlen.sequences.shape[0]
+        launch = settings.scan_for(N, n * H)
+        BK, BV = launch.block_k, launch.block_v
+        varlen_scan_kernel[(H * n, N // BK, N // BV)](
+            a, b, w, init, last, states, varlen.chunks, varlen.sequences, H, n, NC, H * N,
+            N=N, L=L, LOG_L=L.bit_length() - 1, BK=BK, BV=BV, REVERSE=reverse, HAS_INIT=init is not None,
+            STORE_LAST=last is not None, **precision_args(precisions, "STATE_PREC", "PIECES", "MASK_PREC"),
+            num_warps=launch.num_warps, num_stages=launch.num_stages)
+        return
     NC = -(-T // L)
     launch = settings.scan_for(N, B * H)
     BK, BV = launch.block_k, launch.block_v

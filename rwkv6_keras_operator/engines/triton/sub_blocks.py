@@ -41,10 +41,11 @@ def step_over(S, a_ptr, b_ptr, w_ptr, base, t0, T, stride_t, kcols, vcols, C: tl
 @triton.jit
 def sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, kcols, vcols,
                     N: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, STATE_PREC: tl.constexpr,
-                    PIECES: tl.constexpr, MASK_PREC: tl.constexpr, HAS_S0: tl.constexpr, HAS_STATES: tl.constexpr):
+                    PIECES: tl.constexpr, MASK_PREC: tl.constexpr, HAS_S0: tl.constexpr, HAS_STATES: tl.constexpr,
+                    VARLEN: tl.constexpr):
     """S_J (N x len(vcols)): the state at the start of sub-block J of chunk c, carried from the chunk's start over the
     sub-blocks before it."""
-    S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, kcols, vcols, N, HAS_S0, HAS_STATES)
+    S = chunk_start_state(s0_ptr, states_ptr, bh, c, NC, kcols, vcols, N, HAS_S0, HAS_STATES, VARLEN)
     for jj in range(J):
         S = step_over(S, k_ptr, v_ptr, w_ptr, base, jj * C, T, stride_t, kcols, vcols, C, LOG_C, STATE_PREC, PIECES,
                       MASK_PREC, False)
