@@ -92,10 +92,12 @@ for stage in "$@"; do
       step models_e2e "${MODELS_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.8 \
         python3 benchmarks/models_e2e.py --timeout $(( (${MODELS_LIMIT:-560} - 20) / 3 ))
       pack_autotune ;;
-    varlen)    # packed sequences: one process per backend (GPU 0); fla's chunk_rwkv6 from $PEER_PYTHONPATH in torch's
-      step varlen_torch "${VARLEN_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/varlen.py --backend torch
-      step varlen_jax "${VARLEN_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 \
-        python3 benchmarks/varlen.py --backend jax
+    varlen)    # packed sequences: one process per backend (GPU 0; VARLEN_BACKENDS, default both); fla's chunk_rwkv6
+               # from $PEER_PYTHONPATH in torch's
+      for backend in ${VARLEN_BACKENDS:-torch jax}; do
+        step varlen_$backend "${VARLEN_LIMIT:-400}" env CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 \
+          python3 benchmarks/varlen.py --backend $backend
+      done
       pack_autotune ;;
     ddp) step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py ;;
     shard) step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;
