@@ -33,7 +33,7 @@ def random_packing(rng):
     return np.concatenate([[0], np.sort(cuts), [T]])
 
 
-def starts_for(form, rng, n):
+def starts_for(form, rng, n, H=H, N=N):
     """(init_state given to the engine per sequence, init_state and state_map as the oracle takes them)."""
     if form == "none":
         return None, None, None
@@ -44,7 +44,7 @@ def starts_for(form, rng, n):
     return states[state_map], states, state_map
 
 
-def check_packed(cu, dtype, form, decay="masks", seed=None, fn=varlen_wkv):
+def check_packed(cu, dtype, form, decay="masks", seed=None, fn=varlen_wkv, H=H, N=N):
     rng = np.random.default_rng(seed)
     cu = np.asarray(cu, np.int32)
     T, n = int(cu[-1]), len(cu) - 1
@@ -52,7 +52,7 @@ def check_packed(cu, dtype, form, decay="masks", seed=None, fn=varlen_wkv):
     feed = {name: rounded(x[name], dtype) for name in "rkvw"}
     dy = rounded(rng.standard_normal((1, T, H * N)), dtype)
     dstate = rng.standard_normal((n, H, N, N)).astype(np.float32)
-    s0, init_state, state_map = starts_for(form, rng, n)
+    s0, init_state, state_map = starts_for(form, rng, n, H, N)
     y_ref, s_ref = wkv_reference_varlen(*(feed[a] for a in "rkvw"), x["u"], N, cu, init_state, state_map)
     g_ref = wkv_reference_varlen_grads(*(feed[a] for a in "rkvw"), x["u"], N, cu, dy, dstate, init_state, state_map)
     tensors = [ops.convert_to_tensor(feed[a].reshape(1, T, H, N), dtype) for a in "rkvw"]
