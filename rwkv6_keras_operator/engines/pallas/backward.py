@@ -23,7 +23,8 @@ half exactly the t > m of that half span it, and for m in the upper half exactly
 a masked product with exact 0/1 weights (masks.masked_sum; the pairs: levels.pair_grads).
 
 Key blocks of at most KEY_BLOCK channels are handled one after the other (only one block's tiles are live at a
-time); every key-channel quantity above is per channel, and A, the only sum over channels, accumulates.
+time); every key-channel quantity above is per channel, and A, the only sum over channels, accumulates. Packed
+sequences: the chunk table (engines/packed.py) gives each chunk's rows instead of c * L (common.rows_of).
 """
 import functools
 
