@@ -25,9 +25,10 @@ LAUNCH = {"wkv6_state_terms": ("state_terms_warps", 2), "wkv6_state_scan": ("sta
           "wkv6_scan": ("scan_terms_warps", 3), "wkv6_recurrent": (None, 2)}
 
 
-def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2, **settings):
+def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2, varlen=False, **settings):
     """{kernel name: Triton IR text} for the forward, backward and decode kernels of one configuration (settings:
-    other fields of the engine's Settings)."""
+    other fields of the engine's Settings). varlen: the kernels of packed sequences instead (binding.wkv_varlen, one
+    row of T tokens holding B sequences), without the decode kernel."""
     import jax
     import jax.numpy as jnp
     from jax._src.pallas.triton import pallas_call_registration as registration
@@ -47,19 +48,24 @@ def capture(N, dtype, chunk, low_precision="tf32", T=256, B=2, H=2, **settings):
     registration.lowering.lower_jaxpr_to_triton_module = capturing
     common.interpret = lambda: False
     try:
-        x = jnp.zeros((B, T, H, N), dtype)
+        x = jnp.zeros((1 if varlen else B, T, H, N), dtype)
         u, s0 = jnp.zeros((H, N), jnp.float32), jnp.zeros((B, H, N, N), jnp.float32)
+        settings = Settings(chunk=chunk, low_precision=low_precision, **settings)
+        cu_seqlens = jnp.linspace(0, T, B + 1).astype(jnp.int32)
 
         def f(r, k, v, w, u, s0):
-            return binding.wkv(r, k, v, w, u, s0, settings=Settings(chunk=chunk, low_precision=low_precision,
-                                                                    **settings))
+            if varlen:
+                return binding.wkv_varlen(r, k, v, w, u, s0, cu_seqlens, settings=settings)
+            return binding.wkv(r, k, v, w, u, s0, settings=settings)
 
         def loss(*a):
             y, s = f(*a)
             return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s)
 
-        for fn, args in ((jax.grad(loss, argnums=tuple(range(6))), (x, x, x, x, u, s0)),
-                         (f, (x[:, :1],) * 4 + (u, s0))):
+        calls = [(jax.grad(loss, argnums=tuple(range(6))), (x, x, x, x, u, s0))]
+        if not varlen:
+            calls.append((f, (x[:, :1],) * 4 + (u, s0)))
+        for fn, args in calls:
             jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower

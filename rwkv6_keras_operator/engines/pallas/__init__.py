@@ -93,6 +93,14 @@ def _time_parallel_wkv(settings):
     return time_parallel(functools.partial(_wkv, settings=settings))
 
 
+def wkv_varlen(r, k, v, w, u, s0, cu_seqlens):
+    """Packed sequences (cu_seqlens, batch size 1): y (1, T, H, N) in r's dtype and the n final states (n, H, N, N)
+    float32, as engines/portable/varlen.py (the protocol in engines/__init__.py)."""
+    from .binding import wkv_varlen as _wkv_varlen
+
+    return _wkv_varlen(r, k, v, w, u, s0, cu_seqlens, settings=SETTINGS)
+
+
 def decode(r, k, v, w, u, s0):
     """wkv of one token on (B, 1, C) inputs, the heads given by u (H, N): y (B, 1, C) and the final state.
 

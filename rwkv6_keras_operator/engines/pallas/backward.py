@@ -23,7 +23,8 @@ half exactly the t > m of that half span it, and for m in the upper half exactly
 a masked product with exact 0/1 weights (masks.masked_sum; the pairs: levels.pair_grads).
 
 Key blocks of at most KEY_BLOCK channels are handled one after the other (only one block's tiles are live at a
-time); every key-channel quantity above is per channel, and A, the only sum over channels, accumulates.
+time); every key-channel quantity above is per channel, and A, the only sum over channels, accumulates. Packed
+sequences: the chunk table (engines/packed.py) gives each chunk's rows instead of c * L (common.rows_of).
 """
 import functools
 
@@ -37,9 +38,9 @@ from .levels import load_keys, pair_grads
 KEY_BLOCK = 64
 
 
-def backward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref,
+def backward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref, table_ref,
                     dr_ref, dk_ref, dv_ref, dw_ref, du_ref, *, T, L, N, precisions):
-    c, rows, valid = common.chunk_rows(L, T)
+    c, rows, valid = common.chunk_rows(L, T, table_ref)
     h, b = common.program_id(1), common.program_id(2)
     prec, sprec, mprec = precisions.prec, precisions.state_prec, precisions.mask_prec
     vsize, nv = common.blocks(N)
@@ -86,14 +87,15 @@ def backward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstat
         common.store(dv_ref.at[b, rows, h, vcols[j]], dv, valid)
 
 
-def launch_backward(r, k, v, w, u, dy, states, dstates, *, L, precisions, settings):
-    """dr, dk, dv, dw (B, T, H, N) in r's dtype and du per chunk (B, H, nc, N) float32."""
+def launch_backward(r, k, v, w, u, dy, states, dstates, *, L, precisions, settings, table=None):
+    """dr, dk, dv, dw (B, T, H, N) in r's dtype and du per chunk (B, H, NC, N) float32; table: the (NC, 4) chunk
+    table of packed sequences (B = 1), or None."""
     B, T, H, N = r.shape
-    nc = -(-T // L)
+    NC = common.num_chunks(T, L, table)
     kernel = functools.partial(backward_kernel, T=T, L=L, N=N, precisions=precisions)
     like = jax.ShapeDtypeStruct(r.shape, r.dtype)
-    return common.call(
-        kernel, grid=(nc, H, B), num_warps=settings.chunk_warps(settings.backward_warps, N, r.dtype), num_stages=1,
-        name="wkv6_backward",
-        out_shape=(like, like, like, like, jax.ShapeDtypeStruct((B, H, nc, N), jnp.float32)),
-    )(r, k, v, w, u, dy, states, dstates)
+    return common.launch(
+        kernel, (r, k, v, w, u, dy, states, dstates, table), grid=(NC, H, B),
+        num_warps=settings.chunk_warps(settings.backward_warps, N, r.dtype), num_stages=1, name="wkv6_backward",
+        out_shape=(like, like, like, like, jax.ShapeDtypeStruct((B, H, NC, N), jnp.float32)),
+    )

@@ -18,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .. import packed
 from ..shared import LOG2E, W_MAX, Precision
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
@@ -62,6 +63,18 @@ def call(kernel, *, grid, out_shape, num_warps=4, num_stages=2, name=None, input
         name=name,
         input_output_aliases=input_output_aliases or {},
     )
+
+
+def launch(kernel, inputs, **call_args):
+    """call(kernel, **call_args) on the inputs that are not None; the kernel gets None for each absent one (an
+    optional tensor, e.g. the chunk table of packed sequences), so that its code can branch on it while tracing."""
+    present = [x is not None for x in inputs]
+
+    def with_absent_inputs(*refs):
+        refs = iter(refs)
+        return kernel(*(next(refs) if p else None for p in present), *refs)
+
+    return call(with_absent_inputs, **call_args)(*(x for x in inputs if x is not None))
 
 
 program_id = pl.program_id
@@ -130,10 +143,25 @@ def blocks(N, most=64):
     return size, N // size
 
 
-def chunk_rows(L, T):
+def num_chunks(T, L, table=None):
+    """NC, the chunks of a launch: ceil(T / L), or the rows of the chunk table of packed sequences."""
+    return -(-T // L) if table is None else table.shape[0]
+
+
+def rows_of(c, L, T, table_ref=None):
+    """The rows of chunk c, as a slice of L rows from its first token and the (L, 1) mask of the valid ones: tokens
+    c * L ... c * L + L - 1 below T, or with table_ref (packed sequences, engines/packed.py) the count[c] tokens from
+    start[c], so that no chunk straddles a sequence boundary. Invalid rows load as zeros (g = 0: decay 1)."""
+    if table_ref is None:
+        t0 = c * L
+        return ds(t0, L), ((t0 + jnp.arange(L)) < T)[:, None]
+    return ds(table_ref[c, packed.START], L), (jnp.arange(L) < table_ref[c, packed.COUNT])[:, None]
+
+
+def chunk_rows(L, T, table_ref=None):
+    """The chunk of this program (axis 0 of the grid) and rows_of it."""
     c = program_id(0)
-    t0 = c * L
-    return c, ds(t0, L), ((t0 + jnp.arange(L)) < T)[:, None]
+    return (c, *rows_of(c, L, T, table_ref))
 
 
 def add(acc, x):

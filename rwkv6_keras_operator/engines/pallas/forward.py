@@ -6,7 +6,8 @@ are masked: zero inputs and g = 0, so padding changes nothing) and the state at 
     y_t = sum_{s<t} A[t, s] v_s + bonus_t v_t + (r_t * exp(pre_t)) . S_c
 
 with A from the binary tree of levels (levels.pair_scores). Key and value dimensions are cut into blocks of at most
-64 (static loops), so N = 128 or 256 keeps the tiles small.
+64 (static loops), so N = 128 or 256 keeps the tiles small. Packed sequences: the chunk table (engines/packed.py)
+gives each chunk's rows instead of c * L (common.rows_of); the math is the same.
 """
 import functools
 
@@ -16,8 +17,8 @@ from . import common
 from .levels import bonus_scores, load_keys, pair_scores
 
 
-def forward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, y_ref, *, T, L, N, precisions):
-    c, rows, valid = common.chunk_rows(L, T)
+def forward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, table_ref, y_ref, *, T, L, N, precisions):
+    c, rows, valid = common.chunk_rows(L, T, table_ref)
     h, b = common.program_id(1), common.program_id(2)
     size, n = common.blocks(N)
     blocks, us, rq = [], [], []
@@ -40,13 +41,13 @@ def forward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, y_ref, *, T, L
         common.store(y_ref.at[b, rows, h, vcols], y, valid)
 
 
-def launch_forward(r, k, v, w, u, states, *, L, precisions, settings):
-    """y (B, T, H, N) in r's dtype from the states at the chunk starts (B, H, nc, N, N)."""
+def launch_forward(r, k, v, w, u, states, *, L, precisions, settings, table=None):
+    """y (B, T, H, N) in r's dtype from the states at the chunk starts (B, H, NC, N, N); table: the (NC, 4) chunk
+    table of packed sequences (B = 1), or None."""
     B, T, H, N = r.shape
-    nc = -(-T // L)
     kernel = functools.partial(forward_kernel, T=T, L=L, N=N, precisions=precisions)
-    return common.call(
-        kernel, grid=(nc, H, B), num_warps=settings.chunk_warps(settings.forward_warps, N, r.dtype),
-        num_stages=settings.forward_stages, name="wkv6_forward",
-        out_shape=jax.ShapeDtypeStruct(r.shape, r.dtype),
-    )(r, k, v, w, u, states)
+    return common.launch(
+        kernel, (r, k, v, w, u, states, table), grid=(common.num_chunks(T, L, table), H, B),
+        num_warps=settings.chunk_warps(settings.forward_warps, N, r.dtype), num_stages=settings.forward_stages,
+        name="wkv6_forward", out_shape=jax.ShapeDtypeStruct(r.shape, r.dtype),
+    )

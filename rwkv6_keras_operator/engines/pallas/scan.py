@@ -16,6 +16,14 @@ the last S the gradient of s0. `launch_scan` picks one of two ways:
     fewer (short inputs, few rows and heads): state_terms builds every X_c at once (in parallel over chunks), then
         scan_terms carries S through them; its loads do not depend on S, so they pipeline, and the sequential steps
         stay short.
+
+Packed sequences (B = 1; binding.wkv_varlen): the chunk kernel state_terms reads each chunk's rows from the chunk
+table (engines/packed.py), and the scans run one program per sequence instead of one per row, each over its own
+chunks (first_chunk ... first_chunk + ceil(len / L) - 1, rows from its first token, none past its last), from
+init[sequence] to last[sequence] (n, H, N, N): the start states and final states forward, the gradients of the final
+and start states backward. The sequences' chunks are independent, so the longest sequence, not the whole row, is the
+sequential path; a sequence without tokens has no chunk, and its last is its init. The chunks past the used ones
+(the table's bound) belong to no sequence: their states are never written, and the chunk kernels mask all their rows.
 """
 import functools
 
@@ -26,9 +34,31 @@ from jax import lax
 from . import common
 from .levels import load_keys
 
+# the columns of the sequence table of packed sequences: (n, 3) int32, one row a sequence
+SEQ_START, SEQ_END, SEQ_FIRST_CHUNK = range(3)
 
-def state_terms_kernel(a_ref, b_ref, w_ref, x_ref, tot_ref, *, T, L, N, precisions, reverse):
-    c, rows, valid = common.chunk_rows(L, T)
+
+def sequence_table(cu_seqlens, L):
+    """(n, 3) int32: each sequence's first token, the token after its last, and its first chunk in the chunk table
+    (engines/packed.py lays the ceil(len / L) chunks of the sequences side by side, in order)."""
+    cu = cu_seqlens.astype(jnp.int32)
+    chunks = (cu[1:] - cu[:-1] + (L - 1)) // L
+    return jnp.stack([cu[:-1], cu[1:], jnp.cumsum(chunks) - chunks], axis=1).astype(jnp.int32)
+
+
+def scan_range(b, NC, L, sequences_ref):
+    """What the scan program of row b (packed: of sequence b) runs through: the row of the inputs it reads, its
+    number of chunks, and the index of its i-th chunk (in the states and the chunk table)."""
+    if sequences_ref is None:
+        return b, NC, lambda i: i
+    t0, t_end = sequences_ref[b, SEQ_START], sequences_ref[b, SEQ_END]
+    c0 = sequences_ref[b, SEQ_FIRST_CHUNK]
+    # row 0 as an array: the interpreter takes no Python int as an index of a load inside a loop
+    return jnp.int32(0), (t_end - t0 + (L - 1)) // L, lambda i: c0 + i
+
+
+def state_terms_kernel(a_ref, b_ref, w_ref, table_ref, x_ref, tot_ref, *, T, L, N, precisions, reverse):
+    c, rows, valid = common.chunk_rows(L, T, table_ref)
     h, b = common.program_id(1), common.program_id(2)
     size, n = common.blocks(N)
     for i in range(n):
@@ -42,85 +72,94 @@ def state_terms_kernel(a_ref, b_ref, w_ref, x_ref, tot_ref, *, T, L, N, precisio
             common.store(x_ref.at[b, h, c, kcols, vcols], common.mm(aq, bm, precisions.state_prec, ta=True))
 
 
-def state_terms(a, b, w, *, L, precisions, settings, reverse=False):
-    """X (B, H, nc, N, N) and tot (B, H, nc, N), float32, for the scan over chunks."""
+def state_terms(a, b, w, *, L, precisions, settings, reverse=False, table=None):
+    """X (B, H, NC, N, N) and tot (B, H, NC, N), float32, for the scan over chunks."""
     B, T, H, N = a.shape
-    nc = -(-T // L)
+    NC = common.num_chunks(T, L, table)
     kernel = functools.partial(state_terms_kernel, T=T, L=L, N=N, precisions=precisions, reverse=reverse)
-    return common.call(
-        kernel, grid=(nc, H, B), num_warps=settings.state_terms_warps, num_stages=2, name="wkv6_state_terms",
-        out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), jnp.float32),
-                   jax.ShapeDtypeStruct((B, H, nc, N), jnp.float32)),
-    )(a, b, w)
+    return common.launch(
+        kernel, (a, b, w, table), grid=(NC, H, B), num_warps=settings.state_terms_warps, num_stages=2,
+        name="wkv6_state_terms",
+        out_shape=(jax.ShapeDtypeStruct((B, H, NC, N, N), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, NC, N), jnp.float32)),
+    )
 
 
-def scan_terms_kernel(x_ref, tot_ref, init_ref, states_ref, last_ref, *, nc, BV, reverse):
+def scan_terms_kernel(x_ref, tot_ref, init_ref, sequences_ref, states_ref, last_ref, *, L, NC, BV, reverse):
     j, h, b = common.program_id(0), common.program_id(1), common.program_id(2)
     vcols = common.ds(j * BV, BV)
+    row, count, chunk = scan_range(b, NC, L, sequences_ref)
 
     def step(i, S):
-        c = nc - 1 - i if reverse else i
-        X = common.load(x_ref.at[b, h, c, :, vcols])
-        tot = common.load(tot_ref.at[b, h, c, :])[:, None]
-        common.store(states_ref.at[b, h, c, :, vcols], S)
+        c = chunk(count - 1 - i if reverse else i)
+        X = common.load(x_ref.at[row, h, c, :, vcols])
+        tot = common.load(tot_ref.at[row, h, c, :])[:, None]
+        common.store(states_ref.at[row, h, c, :, vcols], S)
         return tot * S + X
 
-    S = lax.fori_loop(0, nc, step, common.load(init_ref.at[b, h, :, vcols]))
+    S = lax.fori_loop(0, count, step, common.load(init_ref.at[b, h, :, vcols]))
     common.store(last_ref.at[b, h, :, vcols], S)
 
 
-def scan_terms(X, tot, init, *, precisions, settings, reverse=False):
-    """states (B, H, nc, N, N) in precisions.states_dtype and the final (B, H, N, N) float32."""
-    B, H, nc, N, _ = X.shape
+def scan_terms(X, tot, init, *, L, precisions, settings, reverse=False, sequences=None):
+    """states (B, H, NC, N, N) in precisions.states_dtype and the last (B, H, N, N) float32 (packed: with the
+    sequence table, init and last (n, H, N, N), per sequence)."""
+    B, H, NC, N, _ = X.shape
     BV = min(settings.scan_terms_block, N)
-    kernel = functools.partial(scan_terms_kernel, nc=nc, BV=BV, reverse=reverse)
-    return common.call(
-        kernel, grid=(N // BV, H, B), num_warps=settings.scan_terms_warps, num_stages=3, name="wkv6_scan",
+    kernel = functools.partial(scan_terms_kernel, L=L, NC=NC, BV=BV, reverse=reverse)
+    return common.launch(
+        kernel, (X, tot, init, sequences), grid=(N // BV, H, init.shape[0]), num_warps=settings.scan_terms_warps,
+        num_stages=3, name="wkv6_scan",
         out_shape=(jax.ShapeDtypeStruct(X.shape, precisions.states_dtype),
-                   jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
-    )(X, tot, init)
+                   jax.ShapeDtypeStruct(init.shape, jnp.float32)),
+    )
 
 
-def state_scan_kernel(a_ref, b_ref, w_ref, init_ref, states_ref, last_ref, *, T, L, nc, N, BK, BV, precisions, reverse):
+def state_scan_kernel(a_ref, b_ref, w_ref, init_ref, table_ref, sequences_ref, states_ref, last_ref, *, T, L, NC, N,
+                      BK, BV, precisions, reverse):
     j, h, b = common.program_id(0), common.program_id(1), common.program_id(2)
     kcols = common.ds((j // (N // BV)) * BK, BK)
     vcols = common.ds((j % (N // BV)) * BV, BV)
+    row, count, chunk = scan_range(b, NC, L, sequences_ref)
 
     def step(i, S):
-        c = nc - 1 - i if reverse else i
-        rows = common.ds(c * L, L)
-        valid = ((c * L + jnp.arange(L)) < T)[:, None]
-        kb = load_keys(a_ref, w_ref, b, h, rows, valid, kcols, L, precisions)
-        bm = common.load(b_ref.at[b, rows, h, vcols], valid)
-        common.store(states_ref.at[b, h, c, kcols, vcols], S)
+        c = chunk(count - 1 - i if reverse else i)
+        rows, valid = common.rows_of(c, L, T, table_ref)
+        kb = load_keys(a_ref, w_ref, row, h, rows, valid, kcols, L, precisions)
+        bm = common.load(b_ref.at[row, rows, h, vcols], valid)
+        common.store(states_ref.at[row, h, c, kcols, vcols], S)
         return kb.tot_factor()[0][:, None] * S + common.mm(kb.state_rows(reverse), bm, precisions.state_prec, ta=True)
 
-    S = lax.fori_loop(0, nc, step, common.load(init_ref.at[b, h, kcols, vcols]))
+    S = lax.fori_loop(0, count, step, common.load(init_ref.at[b, h, kcols, vcols]))
     common.store(last_ref.at[b, h, kcols, vcols], S)
 
 
-def launch_scan(a, b, w, init, *, L, precisions, settings, reverse=False):
-    """states (B, H, nc, N, N) in precisions.states_dtype and the last (B, H, N, N) float32 of the scan whose
+def launch_scan(a, b, w, init, *, L, precisions, settings, reverse=False, table=None):
+    """states (B, H, NC, N, N) in precisions.states_dtype and the last (B, H, N, N) float32 of the scan whose
     X_c = sum over the chunk's rows of (a * decay) b^T (decay: to the chunk's end forward, from its start
-    backward) and tot_c = exp(sum of g over the chunk); a, b = k, v forward and r, dy backward."""
+    backward) and tot_c = exp(sum of g over the chunk); a, b = k, v forward and r, dy backward.
+    Packed sequences (B = 1): table, the pair (chunk table (NC, 4), sequence table (n, 3)); init and last are then
+    (n, H, N, N), per sequence."""
     B, T, H, N = a.shape
-    nc = -(-T // L)
+    chunks, sequences = table if table is not None else (None, None)
+    NC = common.num_chunks(T, L, chunks)
     BV = min(settings.state_scan_block, N)
 
     def programs(BK):
-        return B * H * (N // BK) * (N // BV)
+        return init.shape[0] * H * (N // BK) * (N // BV)
 
     BK = common.blocks(N, settings.state_scan_keys)[0]
     if programs(BK) < settings.state_scan_narrow_below:   # few rows and heads: narrower key blocks, more programs
         BK = common.blocks(N, settings.state_scan_keys_few)[0]
     if programs(BK) < settings.state_scan_min_programs:
-        X, tot = state_terms(a, b, w, L=L, precisions=precisions, settings=settings, reverse=reverse)
-        return scan_terms(X, tot, init, precisions=precisions, settings=settings, reverse=reverse)
-    kernel = functools.partial(state_scan_kernel, T=T, L=L, nc=nc, N=N, BK=BK, BV=BV, precisions=precisions,
+        X, tot = state_terms(a, b, w, L=L, precisions=precisions, settings=settings, reverse=reverse, table=chunks)
+        return scan_terms(X, tot, init, L=L, precisions=precisions, settings=settings, reverse=reverse,
+                          sequences=sequences)
+    kernel = functools.partial(state_scan_kernel, T=T, L=L, NC=NC, N=N, BK=BK, BV=BV, precisions=precisions,
                                reverse=reverse)
-    return common.call(
-        kernel, grid=((N // BK) * (N // BV), H, B), num_warps=settings.state_scan_warps,
-        num_stages=settings.state_scan_stages, name="wkv6_state_scan",
-        out_shape=(jax.ShapeDtypeStruct((B, H, nc, N, N), precisions.states_dtype),
-                   jax.ShapeDtypeStruct((B, H, N, N), jnp.float32)),
-    )(a, b, w, init)
+    return common.launch(
+        kernel, (a, b, w, init, chunks, sequences), grid=((N // BK) * (N // BV), H, init.shape[0]),
+        num_warps=settings.state_scan_warps, num_stages=settings.state_scan_stages, name="wkv6_state_scan",
+        out_shape=(jax.ShapeDtypeStruct((B, H, NC, N, N), precisions.states_dtype),
+                   jax.ShapeDtypeStruct(init.shape, jnp.float32)),
+    )

@@ -97,3 +97,18 @@ def test_registers_and_tensor_cores(compiled):
         assert r["registers"] <= 255, r
         if r["kernel"] in ("wkv6_state_terms", "wkv6_forward", "wkv6_backward"):
             assert r["mma"] > 0, f"no tensor-core instructions: {r}"
+
+
+@pytest.mark.parametrize("state_scan", sorted(STATE_SCANS))
+def test_packed_kernels_lower_and_compile(state_scan):
+    """The kernels of packed sequences (reading the chunk table, restarting the scans per sequence) lower to Triton
+    IR and (with the triton package) compile for Hopper within its shared memory, on tensor cores."""
+    settings, scans = STATE_SCANS[state_scan]
+    modules = report.capture(64, "bfloat16", 32, "bf16", T=2 * 32 + 3, B=3, varlen=True, **settings)
+    assert set(modules) == KERNELS - STATE_SCANS["terms+scan"][1] - {"wkv6_recurrent"} | scans
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("lowered; the triton package compiles the IR, and it is not installed")
+    for r in report.compile_reports(modules, N=64, dtype="bfloat16"):
+        assert 0 <= r["smem"] <= HOPPER_SMEM, r
+        if r["kernel"] in ("wkv6_forward", "wkv6_backward") and "mma" in r:
+            assert r["mma"] > 0, f"no tensor-core instructions: {r}"
