@@ -40,7 +40,7 @@ class RWKVKernelOperator:
             returned states are then per sequence: init_state holds n_seq states, 1 (shared), or any number
             with a state_map of n_seq indices. Its length must be known while tracing (a traced tensor works
             under jax.jit, tf.function, torch.compile); its values are checked when known (eagerly). Such calls
-            run the portable engine on every backend (the GPU engines do not take packed sequences yet).
+            run the engine's own packed kernels (Triton, Pallas; the portable engine elsewhere).
         Returns y (B, T, C) in the dtype of r, and with_state=True the float32 state after the last step,
             (B, H, N, N) (with cu_seqlens: (n_seq, H, N, N), each sequence's own; an empty one's is its start
             state), else None.
