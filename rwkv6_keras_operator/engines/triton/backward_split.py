@@ -160,22 +160,38 @@ def backward_keys_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, dstates_ptr, dy_ptr,
 
 def launch_backward_split(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, settings, L,
                           varlen=None):
-    """launch_backward's contract (backward.py), by the two kernels above; dg_rows is a float32 scratch the size of
-    dw."""
+    """launch_backward's contract (backward.py), by the two kernels above."""
+    dg_rows = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    launch_rows(r, k, v, w, u, s0, states, dstates, dy, dr, dg_rows, du_part, precisions, settings, L, varlen)
+    launch_keys(r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, precisions, settings, L, varlen)
+
+
+def launch_rows(r, k, v, w, u, s0, states, dstates, dy, dr, dg_rows, du_part, precisions, settings, L, varlen=None):
+    """The rows kernel; dg_rows: float32, r's shape (its part of dg, for launch_keys)."""
+    grid, geometry, chunks, NC = split_geometry(r, precisions, settings, L, varlen)
+    has_states = states.numel() > 0   # none when NC == 1
+    backward_rows_kernel[grid](r, k, v, w, u, s0, states if has_states else None, dstates, dy, dr, dg_rows, du_part,
+                               chunks, r.shape[1], r.shape[2], NC, r.shape[2] * r.shape[3], **geometry,
+                               HAS_S0=s0 is not None, HAS_STATES=has_states,
+                               **launch_options(settings.backward_split_for(r.shape[3])[0]))
+
+
+def launch_keys(r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, precisions, settings, L, varlen=None):
+    """The keys kernel, after launch_rows has written dg_rows."""
+    grid, geometry, chunks, NC = split_geometry(r, precisions, settings, L, varlen)
+    backward_keys_kernel[grid](r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, chunks, r.shape[1], r.shape[2], NC,
+                               r.shape[2] * r.shape[3], **geometry,
+                               **launch_options(settings.backward_split_for(r.shape[3])[1]))
+
+
+def split_geometry(r, precisions, settings, L, varlen):
+    """(grid, the kernels' shared constexprs, the chunk table or None, NC) of a call on inputs shaped as r."""
     B, T, H, N = r.shape
     chunks = None if varlen is None else varlen.chunks
     NC = -(-T // L) if varlen is None else chunks.shape[0]
     C = settings.sub_block
-    rows_launch, keys_launch = settings.backward_split_for(N)
-    grid = (B * H * NC * (L // C),)
-    has_states = states.numel() > 0   # none when NC == 1
-    dg_rows = torch.empty(r.shape, dtype=torch.float32, device=r.device)
-    shapes = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions), VARLEN=varlen is not None)
-    backward_rows_kernel[grid](r, k, v, w, u, s0, states if has_states else None, dstates, dy, dr, dg_rows, du_part,
-                               chunks, T, H, NC, H * N, **shapes, HAS_S0=s0 is not None, HAS_STATES=has_states,
-                               **launch_options(rows_launch))
-    backward_keys_kernel[grid](r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, chunks, T, H, NC, H * N, **shapes,
-                               **launch_options(keys_launch))
+    geometry = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions), VARLEN=varlen is not None)
+    return (B * H * NC * (L // C),), geometry, chunks, NC
 
 
 def launch_options(launch):
