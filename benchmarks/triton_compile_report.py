@@ -139,7 +139,7 @@ def main():
             for name in names:
                 fn, extra, stages = kernels[name]
                 regs, stack, mma, lines, cubin = compile_report(fn, dtype, {**common, **extra}, warps, stages,
-                                                                maxnreg if name == "forward" or top == 0 else None)
+                                                                maxnreg)
                 print(f"{name:13s} L={L:<4d} C={C:<3d} warps {warps}: {regs} registers, {stack} B stack, "
                       f"{mma} MMA, {lines} SASS lines", flush=True)
                 if top:
