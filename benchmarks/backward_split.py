@@ -24,7 +24,10 @@ import triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 os.environ.setdefault("KERAS_BACKEND", "torch")
+
+from gpu_torch import bench, make  # noqa: E402  (the same timing and inputs as the main benchmark)
 
 from rwkv6_keras_operator.engines.triton import backward_split, binding  # noqa: E402
 from rwkv6_keras_operator.engines.triton.backward import launch_backward  # noqa: E402
@@ -44,21 +47,8 @@ def variants(N):
             "split8w": Settings(backward_split=True, backward=BackwardLaunch(8, 1, None))}
 
 
-def bench(fn, grad_to_none=None):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-
-
 def log(msg):
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
-
-
-def make(B, T, H, N, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda scale, shift: (torch.randn(B, T, H, N, device="cuda", generator=g) * scale + shift).to(torch.bfloat16)  # noqa: E731
-    r, k, v, w = mk(0.5, 0), mk(0.5, 0), mk(0.5, 0), mk(1.0, -1.0)
-    u = torch.randn(H, N, device="cuda", generator=g) * 0.5
-    dy = torch.randn(B, T, H, N, device="cuda", generator=g).to(torch.bfloat16)
-    return r, k, v, w, u, dy
 
 
 def grads(r, k, v, w, u, dy, settings):

@@ -29,6 +29,17 @@ from .sub_blocks import step_over, sub_block, sub_block_start
 
 
 @triton.jit
+def sub_block_tiles(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, base, rows, T, kcols, stride_t):
+    """The sub-block's tiles r, k, g, v, dy (C x N, all channels; g 0 past T: decay 1)."""
+    r = load_rows(r_ptr, base, rows, T, kcols, stride_t)
+    k = load_rows(k_ptr, base, rows, T, kcols, stride_t)
+    g = g_rows(w_ptr, base, rows, rows >= 0, T, kcols, stride_t)
+    v = load_rows(v_ptr, base, rows, T, kcols, stride_t)
+    dy = load_rows(dy_ptr, base, rows, T, kcols, stride_t)
+    return r, k, g, v, dy
+
+
+@triton.jit
 def pair_side(own, other, dA, g, KEYS: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
               PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """One side of levels.pair_grads. KEYS False: own = r, other = k, the rows t of each pair:
@@ -91,13 +102,9 @@ def backward_rows_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, 
         if T <= 0:   # a chunk past the packed sequences' last one: no rows (and no state stored for it)
             return
     kcols = tl.arange(0, N)
-    vcols = kcols
+    vcols = kcols                                                          # all value channels
     rows = J * C + tl.arange(0, C)
-    r = load_rows(r_ptr, base, rows, T, kcols, stride_t)
-    k = load_rows(k_ptr, base, rows, T, kcols, stride_t)
-    g = g_rows(w_ptr, base, rows, rows >= 0, T, kcols, stride_t)        # 0 past T: decay 1
-    v = load_rows(v_ptr, base, rows, T, vcols, stride_t)
-    dy = load_rows(dy_ptr, base, rows, T, vcols, stride_t)
+    r, k, g, v, dy = sub_block_tiles(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, base, rows, T, kcols, stride_t)
     dA_diag = tl.sum(dy * v, 1)                                            # dA[t, t]
     _, dr, dg = pair_side(r, k, mm(dy, tl.trans(v), PREC), g, False, C, LOG_C, PREC, PIECES, DG_PIECES, MASK_PREC)
     dy = load_rows_cached(dy_ptr, base, rows, T, vcols, stride_t, ".cg")   # again, not held through the levels
@@ -133,14 +140,10 @@ def backward_keys_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, dstates_ptr, dy_ptr,
         if T <= 0:
             return
     kcols = tl.arange(0, N)
-    vcols = kcols
+    vcols = kcols                                                          # all value channels
     rows = J * C + tl.arange(0, C)
-    r = load_rows(r_ptr, base, rows, T, kcols, stride_t)
-    k = load_rows(k_ptr, base, rows, T, kcols, stride_t)
-    g = g_rows(w_ptr, base, rows, rows >= 0, T, kcols, stride_t)
-    v = load_rows(v_ptr, base, rows, T, vcols, stride_t)
-    dy = load_rows(dy_ptr, base, rows, T, vcols, stride_t)
-    dA_diag = tl.sum(dy * v, 1)
+    r, k, g, v, dy = sub_block_tiles(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, base, rows, T, kcols, stride_t)
+    dA_diag = tl.sum(dy * v, 1)                                            # dA[t, t]
     A, dk, dg = pair_side(k, r, mm(dy, tl.trans(v), PREC), g, True, C, LOG_C, PREC, PIECES, DG_PIECES, MASK_PREC)
     v = load_rows_cached(v_ptr, base, rows, T, vcols, stride_t, ".cg")
     dy = load_rows_cached(dy_ptr, base, rows, T, vcols, stride_t, ".cg")
