@@ -7,6 +7,10 @@ bundles its ptxas; with another version it may differ (benchmarks/notes_triton.m
     CHUNKS=32/32,64/32 WARPS=4,8 N=64 DTYPE=bfloat16 MAXNREG=128 python benchmarks/triton_compile_report.py
     LINES=20 WARPS=4 python benchmarks/triton_compile_report.py               # + instructions a warp executes, by line
     VARLEN=1 python benchmarks/triton_compile_report.py                       # the kernels of packed sequences
+    KERNELS=backward,backward_rows,backward_keys python benchmarks/triton_compile_report.py   # some kernels only
+
+Kernels (KERNELS, default all): forward, backward (the fused backward), backward_rows and backward_keys (the split
+backward of Settings.backward_split, backward_split.py).
 
 LINES=K also counts the instructions a warp executes (a loop's body times its trip count: the backward kernel's
 one loop is the level loop, LOG_C - 1 trips, when L == C) and lists the K source lines that execute the most
@@ -25,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rwkv6_keras_operator.engines.triton import backward, forward  # noqa: E402
+from rwkv6_keras_operator.engines.triton import backward, backward_split, forward  # noqa: E402
 from rwkv6_keras_operator.engines.shared import precisions  # noqa: E402
 from rwkv6_keras_operator.engines.triton.common import precision_args  # noqa: E402
 from rwkv6_keras_operator.engines.triton.settings import Settings  # noqa: E402
@@ -44,7 +48,7 @@ def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            fp32 = name in ("u_ptr", "s0_ptr", "du_ptr") or (name in ("states_ptr", "dstates_ptr") and
+            fp32 = name in ("u_ptr", "s0_ptr", "du_ptr", "dg_ptr") or (name in ("states_ptr", "dstates_ptr") and
                                                              dtype != "bfloat16")   # Precisions.states_dtype
             signature[name] = "*" + ("i32" if name in ("chunks_ptr", "sequences_ptr") else
                                      "fp32" if fp32 else TYPES[dtype])
@@ -121,6 +125,10 @@ def main():
     maxnreg = int(os.environ["MAXNREG"]) if os.environ.get("MAXNREG") else None
     top = int(os.environ.get("LINES", "0"))
     varlen = os.environ.get("VARLEN", "0") == "1"   # the kernels of packed sequences (chunks from the chunk table)
+    kernels = {"forward": (forward.forward_kernel, {"BV": N}, 2), "backward": (backward.backward_kernel, {}, 1),
+               "backward_rows": (backward_split.backward_rows_kernel, {}, 1),
+               "backward_keys": (backward_split.backward_keys_kernel, {}, 1)}
+    names = os.environ.get("KERNELS", ",".join(kernels)).split(",")
     p = precision_args(precisions(dtype))
     print(f"N={N} {dtype} precisions {p}; triton {triton.__version__}, sm_90")
     for L, C in chunks:
@@ -128,11 +136,11 @@ def main():
         common = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **p, HAS_S0=False, s0_ptr=None, HAS_STATES=True,
                       VARLEN=varlen, **({} if varlen else {"chunks_ptr": None}))
         for warps in warps_list:
-            for name, fn, extra, stages in (("forward", forward.forward_kernel, {"BV": N}, 2),
-                                            ("backward", backward.backward_kernel, {}, 1)):
+            for name in names:
+                fn, extra, stages = kernels[name]
                 regs, stack, mma, lines, cubin = compile_report(fn, dtype, {**common, **extra}, warps, stages,
-                                                                maxnreg if name == "forward" or top == 0 else None)
-                print(f"{name:9s} L={L:<4d} C={C:<3d} warps {warps}: {regs} registers, {stack} B stack, "
+                                                                maxnreg)
+                print(f"{name:13s} L={L:<4d} C={C:<3d} warps {warps}: {regs} registers, {stack} B stack, "
                       f"{mma} MMA, {lines} SASS lines", flush=True)
                 if top:
                     print_lines(cubin, C.bit_length() - 2, top)

@@ -34,7 +34,8 @@ from .common import (G_ZERO, chunk_rows, exp, g_rows, load_rows, load_rows_cache
                      store_rows)
 from .levels import pair_grads, pre_factor, suf_factor
 from .masks import after_mask, before_mask, masked_sum
-from .sub_blocks import step_over, sub_block, sub_block_start
+from .backward_split import launch_backward_split, sub_block_end_grad
+from .sub_blocks import sub_block, sub_block_start
 
 
 @triton.jit
@@ -77,10 +78,8 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     store_rows(dr_ptr, base, rows, T, kcols, stride_t, dr + u_dA * k + x_state)
     dg += masked_sum(after_mask(C, LOG_C), r * x_state, DG_PIECES, MASK_PREC)      # sum over t > m
     # through the gradient of the state at the sub-block's end: dS_J (suf_s holds d_m for m > s)
-    dS = tl.load(dstates_ptr + (bh.to(tl.int64) * NC + c) * N * N + kcols[:, None] * N + vcols[None, :]).to(tl.float32)
-    for i in range(L // C - 1 - J):
-        dS = step_over(dS, r_ptr, dy_ptr, w_ptr, base, (L // C - 1 - i) * C, T, stride_t, kcols, vcols, C, LOG_C,
-                       STATE_PREC, PIECES, MASK_PREC, True)
+    dS = sub_block_end_grad(dstates_ptr, r_ptr, dy_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, kcols, vcols,
+                            N, L, C, LOG_C, STATE_PREC, PIECES, MASK_PREC)
     suf = suf_factor(g, LOG_C, C, PIECES, MASK_PREC)
     dS_v = mm(v, tl.trans(dS), STATE_PREC)                                      # dS_J v_s
     kq = k * suf
@@ -96,9 +95,13 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
 
 def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions, settings, L,
                     varlen=None):
-    """precisions: the shared.Precisions of the inputs; settings: settings.Settings; L: the chunk length;
+    """precisions: the shared.Precisions of the inputs; settings: settings.Settings (backward_split: the two kernels
+    of backward_split.py instead); L: the chunk length;
     du_part: (B * H * NC * L / C, N) float32; varlen: None, or for packed sequences their common.Varlen (as
     launch_forward)."""
+    if settings.backward_split:
+        return launch_backward_split(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions,
+                                     settings, L, varlen)
     B, T, H, N = r.shape
     chunks = None if varlen is None else varlen.chunks
     NC = -(-T // L) if varlen is None else chunks.shape[0]

@@ -47,6 +47,11 @@ def backward_launch(N):
     return BackwardLaunch(4, 1, None) if N <= 64 else BackwardLaunch(8, 1, None)
 
 
+def backward_split_launch(N):
+    """(rows kernel, keys kernel) of the split backward (backward_split.py)."""
+    return backward_launch(N), backward_launch(N)
+
+
 def scan_regime(N, BH):
     """"many" (rows times heads enough for a program per tile of 32 key rows) or "few" (tiles of 16 key rows, and the
     segments of scan_segments add programs)."""
@@ -74,6 +79,8 @@ class Settings:
     backward: Optional[BackwardLaunch] = None  # None: backward_launch(N)
     scan: Optional[ScanLaunch] = None         # None: scan_launch(N, B * H)
     segments: Optional[int] = None            # None: scan_segments(NC, programs)
+    backward_split: bool = False              # the backward chunk kernel as two kernels, one a side of the pairs
+                                              # (backward_split.py); `backward`, if given, launches both
 
     def __post_init__(self):
         for name in ("chunk", "sub_block"):
@@ -85,6 +92,8 @@ class Settings:
             raise ValueError(f"Settings.chunk ({self.chunk}) must be a multiple of sub_block ({self.sub_block})")
         if self.segments is not None and (not isinstance(self.segments, int) or self.segments < 1):
             raise ValueError(f"Settings.segments must be a positive int or None; got {self.segments!r}")
+        if not isinstance(self.backward_split, bool):
+            raise ValueError(f"Settings.backward_split must be a bool; got {self.backward_split!r}")
         # The settings as a string: a torch custom op takes tensors and scalars only, so the settings cross into
         # binding's ops as this string, which `from_key` reads back. Made once here, not at each call: a call under
         # torch.compile then reads a constant.
@@ -99,6 +108,10 @@ class Settings:
 
     def backward_for(self, N):
         return self.backward or backward_launch(N)
+
+    def backward_split_for(self, N):
+        """(rows kernel, keys kernel) launches of the split backward."""
+        return (self.backward, self.backward) if self.backward else backward_split_launch(N)
 
     def scan_for(self, N, BH):
         return self.scan or scan_launch(N, BH)

@@ -104,7 +104,8 @@ def test_head_sizes(N):
     check(1, 20, 1, N, "strong", n_state=1)
 
 
-def test_extreme_decays():
+@pytest.mark.parametrize("settings", [None, Settings(backward_split=True)], ids=["fused backward", "split backward"])
+def test_extreme_decays(settings):
     """w at -1e9 (decay 1), around the clamp (30, 59.9, 60.1, 1e4: decay 0), and -inf-free gradients."""
     B, T, H, N = 1, 40, 1, 16
     x = make_inputs(B, T, H, N, 7, decay="masks", n_state=1)
@@ -115,7 +116,7 @@ def test_extreme_decays():
     x["w"] = w
     dy = rng.standard_normal((B, T, H * N)).astype(np.float32)
     dstate = rng.standard_normal((B, H, N, N)).astype(np.float32)
-    y, state, grads = run(x, "float32", x["init_state"], None, dy, dstate)
+    y, state, grads = run(x, "float32", x["init_state"], None, dy, dstate, settings)
     y_ref, s_ref = wkv_reference(*(x[n] for n in "rkvwu"), N, x["init_state"])
     g_ref = wkv_reference_grads(*(x[n] for n in "rkvwu"), N, dy, dstate, x["init_state"])
     assert rel_err(y, y_ref) <= FP32_OUT and rel_err(state, s_ref) <= FP32_OUT
