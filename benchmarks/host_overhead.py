@@ -1,8 +1,9 @@
 """Host overhead of the operator's decode step (T = 1, state in and out), measured without a GPU.
 
-The GPU engine's kernel launch is replaced by a stub and the engine is made to accept CPU tensors, so what is timed
-is the Python between a call and its launch: argument checks and normalisation, the engine choice, the engine's own
-allocations, the reshape of y. Each row: the mean over --calls calls, the best of --repeats runs, microseconds.
+The GPU engine's kernel is replaced by a stub and the engine is made to accept CPU tensors, so what is timed is the
+Python between a call and Triton's launcher: argument checks and normalisation, the engine choice, the engine's own
+allocations, the launch's cache key (engines/triton/launcher.py: after the first launch, the compiled kernel's
+launcher is called directly; the stub's launcher does nothing). Not timed: Triton's C launcher and the driver. Each row: the mean over --calls calls, the best of --repeats runs, microseconds.
 
     KERAS_BACKEND=torch python benchmarks/host_overhead.py            # Triton engine (launch stubbed)
     KERAS_BACKEND=jax python benchmarks/host_overhead.py              # Pallas engine (wkv stubbed), eager calls
@@ -38,13 +39,42 @@ def per_call_us(fn, calls, repeats):
     return best
 
 
+class _NoHooks:
+    calls = ()
+
+
+class _StubCompiled:
+    """Stands in for a compiled kernel: its launcher does nothing."""
+    function = packed_metadata = 0
+
+    @staticmethod
+    def run(*args):
+        return None
+
+
+class _StubKernel:
+    """Stands in for the step kernel: the engine's launch code runs (launcher.CachedLaunch, its key and its direct
+    call), Triton's launcher and the GPU do not."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: _StubCompiled
+
+
 def torch_rows(B, H, N, calls, repeats):
+    import inspect
+    from types import SimpleNamespace
+
     import torch
 
     from rwkv6_keras_operator.engines import triton as engine
-    from rwkv6_keras_operator.engines.triton import binding, recurrent
+    from rwkv6_keras_operator.engines.triton import binding, launcher, recurrent
 
-    recurrent.launch_step = lambda *args, **kwargs: None     # the launch itself is Triton's, not ours
+    params = list(inspect.signature(recurrent.step_kernel.fn).parameters)
+    runtime = SimpleNamespace(debug=False, launch_enter_hook=_NoHooks(), launch_exit_hook=_NoHooks())
+    recurrent.LAUNCH = launcher.CachedLaunch(_StubKernel(params), stream=lambda device: 0, runtime=runtime)
     engine._AVAILABLE = True
     engine.supports = lambda r, head_size: True               # CPU tensors stand in for CUDA ones
     engines._CHOSEN.clear()
