@@ -83,10 +83,12 @@ def torch_rows(B, H, N, calls, repeats):
     u, s = torch.randn(H, N), torch.randn(B, H, N, N)
     op = RWKVKernelOperator(N)
     a = prepare(N, r, k, v, w, u, s)
+    pool, slots = torch.randn(4 * B, H, N, N), torch.arange(B) * 4   # slots kept as a tensor, as a server does
     timed = lambda fn: per_call_us(fn, calls, repeats)  # noqa: E731
     with torch.no_grad():
         return {
             "op(...) decode step": timed(lambda: op(r, k, v, w, u, with_state=True, init_state=s)),
+            "op.step (a pool of 4B, slots a tensor)": timed(lambda: op.step(r, k, v, w, u, pool, slots)),
             "engine alone (binding.wkv)": timed(lambda: binding.wkv(a.r, a.k, a.v, a.w, a.u, a.s0)),
             "engine alone (binding.decode)": timed(lambda: binding.decode(r, k, v, w, u, s)),
             "prepare (checks, reshapes)": timed(lambda: prepare(N, r, k, v, w, u, s)),
