@@ -141,7 +141,7 @@ def _device_slots(slots, pool, n):
 
             return torch.as_tensor(slots, device=pool.device)
         return to_tensor(slots.astype(np.int32))
-    if not _CHECKED.known(slots, n) and values_readable(slots):
+    if values_readable(slots) and not _CHECKED.known(slots, n):
         check_slot_values(np.asarray(ops.convert_to_numpy(slots)), n)
         _CHECKED.add(slots, n)
     if is_torch_tensor(pool) and slots.device != pool.device:
