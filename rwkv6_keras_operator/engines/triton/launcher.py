@@ -15,6 +15,9 @@ divisible by 16, or past 32 bits), the constexprs, the launch options and the de
 each pointer being a multiple of ALIGNMENT bytes: a caller passes key None (the normal path) unless all its tensors
 are (`aligned`).
 
+Triton's check at each launch that the globals a kernel read have not changed since it was compiled is not repeated:
+the engine's kernels read constants only (common.py).
+
 The normal path is taken throughout where the direct call is not known to be right: under the Triton interpreter (a
 kernel that is not a compiled `JITFunction`), for Triton versions outside those whose launch convention was read
 (SUPPORTED), with launch hooks installed (profilers), or in Triton's debug mode.
