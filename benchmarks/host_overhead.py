@@ -152,8 +152,9 @@ def jax_engine_rows(B, H, N, calls, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="2,2,64", help="B,H,N of the decode step (default 2,2,64)")
-    parser.add_argument("--calls", type=int, default=10000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=300, help="runs of --calls calls; the best is kept (on a shared "
+                        "machine, the run least disturbed by other work)")
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--engine", action="store_true", help="jax: also time the Pallas engine's jitted decode "
                         "called eagerly (in the interpreter: the dispatch, not the kernel, is what differs)")
