@@ -40,7 +40,8 @@ def per_call_us(fn, calls, repeats):
 
 
 class _NoHooks:
-    calls = ()
+    def __init__(self):
+        self.calls = []
 
 
 class _StubCompiled:

@@ -20,7 +20,8 @@ the engine's kernels read constants only (common.py).
 
 The normal path is taken throughout where the direct call is not known to be right: under the Triton interpreter (a
 kernel that is not a compiled `JITFunction`), for Triton versions outside those whose launch convention was read
-(SUPPORTED), with launch hooks installed (profilers), or in Triton's debug mode.
+(SUPPORTED) or whose `JITFunction.run` does not end with that call (RUN_LAUNCH, checked in its source at the first
+launch), with launch hooks installed (profilers), or in Triton's debug mode.
 """
 import warnings
 
@@ -53,6 +54,30 @@ def _is_compiled_jit(fn):
     return isinstance(fn, JITFunction)
 
 
+# How JITFunction.run launches a compiled kernel, in the versions read; the direct call repeats it.
+RUN_LAUNCH = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, "
+              "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())")
+
+
+def _run_launches_as_read():
+    """This Triton's JITFunction.run launches a compiled kernel with the call RUN_LAUNCH (its source, whitespace
+    aside): False where the source cannot be read or differs."""
+    import inspect
+
+    from triton.runtime.jit import JITFunction
+
+    try:
+        source = inspect.getsource(JITFunction.run)
+    except (OSError, TypeError):
+        return False
+    return "".join(RUN_LAUNCH.split()) in "".join(source.split())
+
+
+def _idle(hook):
+    """No launch hook is installed: None, or an empty chain of hooks (triton.knobs.HookChain)."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
 def _raw_stream(device_index):
     return torch._C._cuda_getCurrentRawStream(device_index)
 
@@ -76,15 +101,15 @@ class CachedLaunch:
         version = _version()
         self.enabled = bool(
             knobs is not None and version is not None and SUPPORTED[0] <= version <= SUPPORTED[1]
-            and _is_compiled_jit(self.fn) and not getattr(knobs.compilation, "instrumentation_mode", ""))
+            and _is_compiled_jit(self.fn) and not getattr(knobs.compilation, "instrumentation_mode", "")
+            and _run_launches_as_read())
         self._runtime = knobs.runtime if self.enabled else None
         return self.enabled
 
     def _direct(self):
         """The direct call is right now: no launch hooks and no debug mode (both may be switched on at any time)."""
         runtime = self._runtime
-        return (not runtime.debug and not getattr(runtime.launch_enter_hook, "calls", True)
-                and not getattr(runtime.launch_exit_hook, "calls", True))
+        return not runtime.debug and _idle(runtime.launch_enter_hook) and _idle(runtime.launch_exit_hook)
 
     def __call__(self, grid, key, args, device_index, **options):
         """fn[grid](*args, **options) on the current CUDA device, device_index (-1: the CPU, the interpreter). grid: a

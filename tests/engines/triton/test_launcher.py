@@ -106,15 +106,17 @@ def test_alignment():
 
 
 def test_versions_and_interpreter():
-    """The direct call is on for the Triton versions whose launch convention was read, and never for a kernel the
-    interpreter runs."""
-    version = launcher._version()
+    """The direct call is on for the Triton versions whose launch convention was read (their JITFunction.run ends with
+    the call it repeats), and never for a kernel the interpreter runs."""
+    supported = launcher.SUPPORTED[0] <= launcher._version() <= launcher.SUPPORTED[1]
+    if supported:
+        assert launcher._run_launches_as_read()
     fresh = launcher.CachedLaunch(recurrent.step_kernel)
     fresh._enable()
     if not CUDA:
         assert not launcher._is_compiled_jit(recurrent.step_kernel) and fresh.enabled is False
     else:
-        assert fresh.enabled == (launcher.SUPPORTED[0] <= version <= launcher.SUPPORTED[1])
+        assert fresh.enabled == supported
 
 
 @pytest.mark.requires("gpu")
