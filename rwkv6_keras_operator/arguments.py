@@ -82,6 +82,19 @@ def _keras_device_type():
 
 
 _TORCH_TENSOR = _torch_tensor_type()   # the backend is fixed once keras is imported
+
+
+
+def _torch_compiling_check():
+    if _TORCH_TENSOR is None:
+        return lambda: False
+    import torch
+
+    return torch.compiler.is_compiling
+
+
+# Under torch.compile's tracing (the torch backend; False elsewhere): no import statement a call on the decode path.
+torch_compiling = _torch_compiling_check()
 _TORCH_ON_CPU = _keras_device_type() == "cpu"
 
 
@@ -330,11 +343,7 @@ def eager_torch_plan(head_size, r, k, v, w, u, init_state):
 
     The shortest path from a decode step's call to its launch: one key of every tensor's shape, dtype and device
     looks the plan up; the plan of a new key is made by `plan` (every check, every error) once."""
-    if _TORCH_TENSOR is None:
-        return None
-    import torch
-
-    if torch.compiler.is_compiling():
+    if _TORCH_TENSOR is None or torch_compiling():
         return None
     try:
         key = (head_size, r.shape, r.dtype, r.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,

@@ -14,7 +14,7 @@ import numpy as np
 from keras import ops
 
 from .arguments import (cached, check_bonus, check_channels, check_rkvw, dtype_name, is_torch_tensor, key_shape,
-                        reshape, shape_of, to_float32, to_tensor, values_readable)
+                        reshape, shape_of, to_float32, to_tensor, torch_compiling, values_readable)
 
 
 @dataclass(frozen=True)
@@ -156,11 +156,7 @@ def _eager_torch_plan(head_size, r, k, v, w, u, pool, slots):
     """The StepPlan of an eager torch call whose arguments are all tensors that need no conversion, or None (the full
     path). One key of every shape, dtype and device (and the pool's layout) looks it up; a new key's plan is made by
     the full path (every check, every error) once."""
-    if not is_torch_tensor(r):
-        return None
-    import torch
-
-    if torch.compiler.is_compiling():
+    if not is_torch_tensor(r) or torch_compiling():
         return None
     try:
         key = (head_size, r.shape, r.dtype, r.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
