@@ -3,11 +3,12 @@
 The GPU engine's kernel is replaced by a stub and the engine is made to accept CPU tensors, so what is timed is the
 Python between a call and Triton's launcher: argument checks and normalisation, the engine choice, the engine's own
 allocations, the launch's cache key (engines/triton/launcher.py: after the first launch, the compiled kernel's
-launcher is called directly; the stub's launcher does nothing). Not timed: Triton's C launcher and the driver. Each row: the mean over --calls calls, the best of --repeats runs, microseconds.
+launcher is called directly; the stub's launcher does nothing). Not timed: Triton's C launcher and the driver.
+Each row: the mean over --calls calls, the best of --repeats runs, microseconds.
 
-    KERAS_BACKEND=torch python benchmarks/host_overhead.py            # Triton engine (launch stubbed)
+    KERAS_BACKEND=torch python benchmarks/host_overhead.py            # Triton engine (kernel stubbed)
     KERAS_BACKEND=jax python benchmarks/host_overhead.py              # Pallas engine (wkv stubbed), eager calls
-    ... --shape 64,32,64 --calls 10000 --json out.json
+    ... --shape 64,32,64 --calls 1000 --json out.json
 
 The host time does not depend on the shape except through allocation (torch.empty of a large CPU tensor costs what
 the CPU allocator costs, unlike the CUDA caching allocator): the default shape is small.
