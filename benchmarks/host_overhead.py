@@ -1,12 +1,14 @@
 """Host overhead of the operator's decode step (T = 1, state in and out), measured without a GPU.
 
-The GPU engine's kernel launch is replaced by a stub and the engine is made to accept CPU tensors, so what is timed
-is the Python between a call and its launch: argument checks and normalisation, the engine choice, the engine's own
-allocations, the reshape of y. Each row: the mean over --calls calls, the best of --repeats runs, microseconds.
+The GPU engine's kernel is replaced by a stub and the engine is made to accept CPU tensors, so what is timed is the
+Python between a call and Triton's launcher: argument checks and normalisation, the engine choice, the engine's own
+allocations, the launch's cache key (engines/triton/launcher.py: after the first launch, the compiled kernel's
+launcher is called directly; the stub's launcher does nothing). Not timed: Triton's C launcher and the driver.
+Each row: the mean over --calls calls, the best of --repeats runs, microseconds.
 
-    KERAS_BACKEND=torch python benchmarks/host_overhead.py            # Triton engine (launch stubbed)
+    KERAS_BACKEND=torch python benchmarks/host_overhead.py            # Triton engine (kernel stubbed)
     KERAS_BACKEND=jax python benchmarks/host_overhead.py              # Pallas engine (wkv stubbed), eager calls
-    ... --shape 64,32,64 --calls 10000 --json out.json
+    ... --shape 64,32,64 --calls 1000 --json out.json
 
 The host time does not depend on the shape except through allocation (torch.empty of a large CPU tensor costs what
 the CPU allocator costs, unlike the CUDA caching allocator): the default shape is small.
@@ -38,13 +40,43 @@ def per_call_us(fn, calls, repeats):
     return best
 
 
+class _NoHooks:
+    def __init__(self):
+        self.calls = []
+
+
+class _StubCompiled:
+    """Stands in for a compiled kernel: its launcher does nothing."""
+    function = packed_metadata = 0
+
+    @staticmethod
+    def run(*args):
+        return None
+
+
+class _StubKernel:
+    """Stands in for the step kernel: the engine's launch code runs (launcher.CachedLaunch, its key and its direct
+    call), Triton's launcher and the GPU do not."""
+
+    def __init__(self, params):
+        self.params = params
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: _StubCompiled
+
+
 def torch_rows(B, H, N, calls, repeats):
+    import inspect
+    from types import SimpleNamespace
+
     import torch
 
     from rwkv6_keras_operator.engines import triton as engine
-    from rwkv6_keras_operator.engines.triton import binding, recurrent
+    from rwkv6_keras_operator.engines.triton import binding, launcher, recurrent
 
-    recurrent.launch_step = lambda *args, **kwargs: None     # the launch itself is Triton's, not ours
+    params = list(inspect.signature(recurrent.step_kernel.fn).parameters)
+    runtime = SimpleNamespace(debug=False, launch_enter_hook=_NoHooks(), launch_exit_hook=_NoHooks())
+    recurrent.LAUNCH = launcher.CachedLaunch(_StubKernel(params), stream=lambda device: 0, runtime=runtime)
     engine._AVAILABLE = True
     engine.supports = lambda r, head_size: True               # CPU tensors stand in for CUDA ones
     engines._CHOSEN.clear()
@@ -53,10 +85,12 @@ def torch_rows(B, H, N, calls, repeats):
     u, s = torch.randn(H, N), torch.randn(B, H, N, N)
     op = RWKVKernelOperator(N)
     a = prepare(N, r, k, v, w, u, s)
+    pool, slots = torch.randn(4 * B, H, N, N), torch.arange(B) * 4   # slots kept as a tensor, as a server does
     timed = lambda fn: per_call_us(fn, calls, repeats)  # noqa: E731
     with torch.no_grad():
         return {
             "op(...) decode step": timed(lambda: op(r, k, v, w, u, with_state=True, init_state=s)),
+            "op.step (a pool of 4B, slots a tensor)": timed(lambda: op.step(r, k, v, w, u, pool, slots)),
             "engine alone (binding.wkv)": timed(lambda: binding.wkv(a.r, a.k, a.v, a.w, a.u, a.s0)),
             "engine alone (binding.decode)": timed(lambda: binding.decode(r, k, v, w, u, s)),
             "prepare (checks, reshapes)": timed(lambda: prepare(N, r, k, v, w, u, s)),
@@ -120,8 +154,9 @@ def jax_engine_rows(B, H, N, calls, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="2,2,64", help="B,H,N of the decode step (default 2,2,64)")
-    parser.add_argument("--calls", type=int, default=10000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=300, help="runs of --calls calls; the best is kept (on a shared "
+                        "machine, the run least disturbed by other work)")
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--engine", action="store_true", help="jax: also time the Pallas engine's jitted decode "
                         "called eagerly (in the interpreter: the dispatch, not the kernel, is what differs)")

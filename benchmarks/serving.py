@@ -8,12 +8,16 @@ against the copy bandwidth measured in the same run, and the state pool (op.step
 
 Cases (H = 32, N = 64, bfloat16 inputs, float32 state in and out; ms a step):
   decode   B = 64: op(r, k, v, w, u, with_state=True, init_state=state) called eagerly (back-to-back calls: the
-           host's time per call where it exceeds the GPU's), the engine alone, the step replayed in a CUDA graph
-           (torch: device time), inside a jitted lax.scan decode loop (jax: per step, the state carried), and
-           flash-linear-attention's fused_recurrent_rwkv6 (torch, when importable; its w is the log decay -exp(w)).
+           host's time per call where it exceeds the GPU's; torch: also with Triton's normal launch, the launcher's
+           direct call off), the engine alone, the step replayed in a CUDA graph (torch: device time), inside a
+           jitted lax.scan decode loop (jax: per step, the state carried), and flash-linear-attention's
+           fused_recurrent_rwkv6 (torch, when importable; its w is the log decay -exp(w)).
   big      B = 4096: state read and written (2.1 GB each way) plus r, k, v, w, y; GB/s achieved, against a copy of
            the state's bytes (device to device) in the same run.
-  pool     op.step advancing 64 slots of a pool of 4096, against a plain decode step of 64 rows.
+  pool     op.step advancing 64 slots of a pool of 4096, against a plain decode step of 64 rows: torch eager and
+           in a CUDA graph; jax in a jitted step (pool or state donated) and inside a jitted lax.scan (a step).
+The goals of issue 15 met or not in this run are listed after the table (goal 1: the decode step through op(...);
+goal 3: the pool step no slower than a plain decode).
 
 Writes serving_<backend>.json and serving_<backend>.md to --out (default $OUT, else /tmp) and prints the table.
 fla is looked for on $PEER_PYTHONPATH too (appended to sys.path). Timings: the median of --repeats runs, each the
@@ -63,9 +67,19 @@ class Report:
                 row["copy GB/s"] = copy_gbps
                 row["of copy"] = row["GB/s"] / copy_gbps
         self.data["rows"].append(row)
+        return ms
         print(f"  {case:<7} {what:<58} {ms:9.4f} ms" + (f"  {row['GB/s']:8.0f} GB/s" if nbytes else "")
               + (f" ({row['of copy']:.0%} of copy)" if "of copy" in row else "") + (f"  {note}" if note else ""),
               flush=True)
+
+    def goal(self, text, ms, limit_ms):
+        """One of the issue's goals: ms against the limit (met when ms <= limit_ms)."""
+        met = ms is not None and limit_ms is not None and ms <= limit_ms
+        self.data.setdefault("goals", []).append({"goal": text, "ms": ms, "limit ms": limit_ms, "met": met})
+
+    def goals(self):
+        return "\n".join(f"- {g['goal']}: {g['ms']:.4f} ms against {g['limit ms']:.4f}: "
+                         f"{'met' if g['met'] else 'NOT met'}" for g in self.data.get("goals", []))
 
     def table(self):
         lines = ["| case | what | ms | GB/s | of copy | note |", "|---|---|---:|---:|---:|---|"]
@@ -82,9 +96,11 @@ class Report:
             json.dump(self.data, f, indent=1)
         head = (f"Serving benchmark, {self.data['backend']}, {self.data.get('device', '?')}, {self.data['date']}; "
                 f"shapes {self.data['shapes']}\n\n")
+        goals = self.goals()
+        text = head + self.table() + "\n" + (f"\nGoals of issue 15 (this run):\n{goals}\n" if goals else "")
         with open(name + ".md", "w") as f:
-            f.write(head + self.table() + "\n")
-        print("\n" + head + self.table())
+            f.write(text)
+        print("\n" + text)
         print(f"\nwrote {name}.json and {name}.md")
 
 

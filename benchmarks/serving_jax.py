@@ -85,9 +85,10 @@ def run(args, shapes, report):
         return s, y
 
     def scan_of(step):
-        """A jitted decode loop of len(tokens) steps, the state carried (and donated: updated in place)."""
-        def loop(state, r, k, v, w, u):
-            return jax.lax.scan(lambda s, t: step(s, *t, u), state, (r, k, v, w))
+        """A jitted decode loop of len(tokens) steps, the state carried (and donated: updated in place); extra
+        arguments (the slots of a pool) are passed to every step."""
+        def loop(state, r, k, v, w, u, *extra):
+            return jax.lax.scan(lambda s, t: step(s, *t, u, *extra), state, (r, k, v, w))
         return jax.jit(loop, donate_argnums=0)
 
     # ------------------------------------------------------------------ decode
@@ -101,18 +102,23 @@ def run(args, shapes, report):
                timer.ms(lambda: op(*x, u, with_state=True, init_state=s)), note=f"oracle err {err:.1e}")
     report.add("decode", "engine alone eager (pallas.decode)", timer.ms(lambda: pallas.decode(*x, u, s)))
     xs, _, _ = _inputs(jnp, B, H, N, 1, T=S)
-    for name, step in (("op(...)", decode_call), ("engine alone", lambda s, *a: pallas.decode(*a, s)[::-1])):
+
+    def scan_step_ms(step, carried, *extra):
+        """ms a step of scan_of(step) over the S tokens xs, the state `carried` (a fresh copy each run)."""
         loop = scan_of(step)
-        start = jnp.array(s)
-        _block(loop(start, *xs, u))
+        _block(loop(jnp.array(carried), *xs, u, *extra))
         times = []
         for _ in range(args.repeats):
-            start = jnp.array(s)
-            _block(start)
+            start = _block(jnp.array(carried))
             t = time.perf_counter()
-            _block(loop(start, *xs, u))
+            _block(loop(start, *xs, u, *extra))
             times.append((time.perf_counter() - t) * 1e3 / S)
-        report.add("decode", f"{name} in a jitted lax.scan of {S} steps (a step)", statistics.median(times))
+        return statistics.median(times)
+
+    for name, step in (("op(...)", decode_call), ("engine alone", lambda s, *a: pallas.decode(*a, s)[::-1])):
+        ms = report.add("decode", f"{name} in a jitted lax.scan of {S} steps (a step)", scan_step_ms(step, s))
+        if name == "op(...)":
+            report.goal(f"1, jax: decode B={B} through op(...), a step of a jitted decode loop", ms, 0.035)
 
     # ------------------------------------------------------------------ big batch
     B = shapes["big"]
@@ -135,10 +141,19 @@ def run(args, shapes, report):
     slots = jnp.asarray(np.random.default_rng(3).permutation(n)[:rows], jnp.int32)
     s = pool[slots]
     pool_step = jax.jit(lambda p, r, k, v, w, u, sl: op.step(r, k, v, w, u, p, sl)[::-1], donate_argnums=0)
-    report.add("pool", f"op.step, {rows} of {n} slots, jitted, pool donated",
-               timer.ms(lambda p: pool_step(p, *x, u, slots)[0], jnp.array(pool)))
-    report.add("pool", f"op(...) plain decode of {rows} rows, jitted, state donated",
-               timer.ms(lambda st: step(st, *x, u)[0], jnp.array(s)))
+    stepped = report.add("pool", f"op.step, {rows} of {n} slots, jitted, pool donated",
+                         timer.ms(lambda p: pool_step(p, *x, u, slots)[0], jnp.array(pool)))
+    plain = report.add("pool", f"op(...) plain decode of {rows} rows, jitted, state donated",
+                       timer.ms(lambda st: step(st, *x, u)[0], jnp.array(s)))
+    report.goal(f"3, jax: op.step of {rows} of {n} slots, against a plain decode of {rows} rows (jitted calls, "
+                "donated)", stepped, plain)
+    # Device-bound: S tokens a loop, the pool (or the rows' state) carried; slots the same every step.
+    xs, _, _ = _inputs(jnp, rows, H, N, 4, T=S)
+    stepped = report.add("pool", f"op.step in a jitted lax.scan of {S} steps, pool carried (a step)", scan_step_ms(
+        lambda p, r, k, v, w, u, sl: op.step(r, k, v, w, u, p, sl)[::-1], pool, slots))
+    plain = report.add("pool", f"op(...) plain decode of {rows} rows in the same scan (a step)",
+                       scan_step_ms(decode_call, s))
+    report.goal("3, jax: the same, a step of a jitted decode loop", stepped, plain)
 
     # ------------------------------------------------------------------ launch geometries
     if args.variants:

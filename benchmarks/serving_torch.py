@@ -107,8 +107,16 @@ def run(args, shapes, report):
     x, u, s = _inputs(torch, device, B, H, N, 0)
     y, state = op(*x, u, with_state=True, init_state=s)
     note = f"oracle err {_oracle_error(x, u, s, y, state):.1e}"
-    report.add("decode", f"op(...) eager, B={B}", timer.ms(lambda: op(*x, u, with_state=True, init_state=s)), note=note)
-    report.add("decode", "engine alone (binding.decode, (B, 1, C))", timer.ms(lambda: binding.decode(*x, u, s)))
+    eager = report.add("decode", f"op(...) eager, B={B}", timer.ms(lambda: op(*x, u, with_state=True, init_state=s)),
+                       note=note + f"; direct launches {recurrent.LAUNCH.fast_launches}")
+    report.goal(f"1, torch: decode B={B} through op(...), eager", eager, 0.045)
+    direct = recurrent.LAUNCH.enabled
+    recurrent.LAUNCH.enabled = False
+    report.add("decode", "op(...) eager, Triton's normal launch (direct call off)",
+               timer.ms(lambda: op(*x, u, with_state=True, init_state=s)))
+    recurrent.LAUNCH.enabled = direct
+    alone = report.add("decode", "engine alone (binding.decode, (B, 1, C))", timer.ms(lambda: binding.decode(*x, u, s)))
+    report.goal("1, torch: the same, against 1.5x the engine alone (eager, this run)", eager, 1.5 * alone)
     heads = [t.view(B, 1, H, N) for t in x]
     report.add("decode", "engine alone (binding.wkv, (B, 1, H, N))", timer.ms(lambda: binding.wkv(*heads, u, s)))
     graph = timer.graph_ms(lambda: op(*x, u, with_state=True, init_state=s))
@@ -144,14 +152,17 @@ def run(args, shapes, report):
     slots = torch.as_tensor(np.random.default_rng(2).permutation(n)[:rows], device=device)
     s = pool[slots].clone()
     op.step(*x, u, pool, slots)   # checks the slot tensor once
-    report.add("pool", f"op.step, {rows} of {n} slots, eager", timer.ms(lambda: op.step(*x, u, pool, slots)))
-    report.add("pool", f"op(...) plain decode of {rows} rows, eager",
-               timer.ms(lambda: op(*x, u, with_state=True, init_state=s)))
+    stepped = report.add("pool", f"op.step, {rows} of {n} slots, eager", timer.ms(lambda: op.step(*x, u, pool, slots)))
+    plain = report.add("pool", f"op(...) plain decode of {rows} rows, eager",
+                       timer.ms(lambda: op(*x, u, with_state=True, init_state=s)))
+    report.goal(f"3, torch: op.step of {rows} of {n} slots, eager, against a plain decode of {rows} rows", stepped,
+                plain)
     graph = timer.graph_ms(lambda: op.step(*x, u, pool, slots))
     if graph is not None:
         report.add("pool", "op.step in a CUDA graph (device time)", graph)
-        report.add("pool", "op(...) plain decode in a CUDA graph (device time)",
-                   timer.graph_ms(lambda: op(*x, u, with_state=True, init_state=s)))
+        plain = report.add("pool", "op(...) plain decode in a CUDA graph (device time)",
+                           timer.graph_ms(lambda: op(*x, u, with_state=True, init_state=s)))
+        report.goal("3, torch: the same in a CUDA graph (device time)", graph, plain)
 
     # ------------------------------------------------------------------ launch geometries
     if args.variants:

@@ -82,6 +82,19 @@ def _keras_device_type():
 
 
 _TORCH_TENSOR = _torch_tensor_type()   # the backend is fixed once keras is imported
+
+
+
+def _torch_compiling_check():
+    if _TORCH_TENSOR is None:
+        return lambda: False
+    import torch
+
+    return torch.compiler.is_compiling
+
+
+# Under torch.compile's tracing (the torch backend; False elsewhere): no import statement a call on the decode path.
+torch_compiling = _torch_compiling_check()
 _TORCH_ON_CPU = _keras_device_type() == "cpu"
 
 
@@ -321,6 +334,35 @@ def plan(head_size, r, k, v, w, u, init_state=None, state_map=None):
                   lambda: _make_plan(head_size, r, k, v, w, u, init_state, state_map))
 
 
+_EAGER_PLANS = {}
+
+
+def eager_torch_plan(head_size, r, k, v, w, u, init_state):
+    """The Plan of an eager torch call (no state_map) whose tensors need no conversion (`convert` would return them
+    as they are), or None where the call must take the full path (convert, then plan).
+
+    The shortest path from a decode step's call to its launch: one key of every tensor's shape, dtype and device
+    looks the plan up; the plan of a new key is made by `plan` (every check, every error) once."""
+    if _TORCH_TENSOR is None or torch_compiling():
+        return None
+    try:
+        key = (head_size, r.shape, r.dtype, r.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
+               w.shape, w.dtype, w.device, u.shape, u.dtype, u.device,
+               None if init_state is None else (init_state.shape, init_state.dtype, init_state.device))
+    except AttributeError:   # not tensors (lists, NumPy): converted on the full path
+        return None
+    found = _EAGER_PLANS.get(key)
+    if found is None:
+        tensors = (r, k, v, w, u) if init_state is None else (r, k, v, w, u, init_state)
+        if not all(_placed(x) for x in tensors):
+            return None
+        found = plan(head_size, r, k, v, w, u, init_state)
+        if len(_EAGER_PLANS) >= _MAX_PLANS:
+            _EAGER_PLANS.clear()
+        _EAGER_PLANS[key] = found
+    return found
+
+
 # ------------------------------------------------------------------------------------------------ normalising
 def _require(name, x, expected):
     if x is None:
@@ -388,8 +430,20 @@ def apply(p, r, k, v, w, u, init_state=None, state_map=None, split_heads=True):
     if split_heads:
         heads = (batch, time, H, N)
         r, k, v, w = reshape(r, heads), reshape(k, heads), reshape(v, heads), reshape(w, heads)
-    return Prepared(r, k, v, w, to_float32(reshape(u, (H, N)) if p.u_flat else u),
-                    _start_state(p, init_state, state_map, batch), (B, T, C))
+    return Prepared(r, k, v, w, bonus(p, u), _start_state(p, init_state, state_map, batch), (B, T, C))
+
+
+def bonus(p, u):
+    """u as the engines take it: (H, N) float32."""
+    return to_float32(reshape(u, (p.heads, p.head_size)) if p.u_flat else u)
+
+
+def start_state(p, r, init_state=None, state_map=None):
+    """The (B, H, N, N) float32 start states of converted tensors whose plan is `p` (apply's s0), or None."""
+    if p.state == "none":
+        return None
+    B = p.shape[0]
+    return _start_state(p, init_state, state_map, B if B is not None else ops.shape(r)[0])
 
 
 def sequence_start_states(p, init_state, state_map, n):

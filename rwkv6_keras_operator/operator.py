@@ -6,7 +6,8 @@ from typing import Any, Sequence
 from keras import ops
 
 from . import engines
-from .arguments import apply, convert, plan, reshape, sequence_start_states
+from .arguments import (apply, bonus, convert, eager_torch_plan, plan, reshape, sequence_start_states,
+                        start_state)
 from .pool_arguments import prepare_step
 from .varlen import check_cu_seqlens
 
@@ -64,13 +65,14 @@ class RWKVKernelOperator:
                  cu_seqlens: TensorLike | Sequence[int] | None = None) -> tuple[TensorLike, TensorLike | None]:
         if cu_seqlens is not None:
             return self._packed(r, k, v, w, u, with_state, init_state, state_map, cu_seqlens)
-        r, k, v, w, u, init_state, state_map = convert(r, k, v, w, u, init_state, state_map)
-        p = plan(self.head_size, r, k, v, w, u, init_state, state_map)
+        p = None if state_map is not None else eager_torch_plan(self.head_size, r, k, v, w, u, init_state)
+        if p is None:
+            r, k, v, w, u, init_state, state_map = convert(r, k, v, w, u, init_state, state_map)
+            p = plan(self.head_size, r, k, v, w, u, init_state, state_map)
         engine = engines.select(r, self.head_size, self.ops_loop)
         decode = getattr(engine, "decode", None) if p.shape[1] == 1 else None
         if decode is not None:   # one token: an engine that takes (B, 1, C) as it is (no reshapes)
-            a = apply(p, r, k, v, w, u, init_state, state_map, split_heads=False)
-            y, state = decode(a.r, a.k, a.v, a.w, a.u, a.s0)
+            y, state = decode(r, k, v, w, bonus(p, u), start_state(p, r, init_state, state_map))
         else:
             a = apply(p, r, k, v, w, u, init_state, state_map)
             y, state = engine.wkv(a.r, a.k, a.v, a.w, a.u, a.s0)

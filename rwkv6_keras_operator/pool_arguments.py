@@ -14,7 +14,7 @@ import numpy as np
 from keras import ops
 
 from .arguments import (cached, check_bonus, check_channels, check_rkvw, dtype_name, is_torch_tensor, key_shape,
-                        reshape, shape_of, to_float32, to_tensor, values_readable)
+                        reshape, shape_of, to_float32, to_tensor, torch_compiling, values_readable)
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,42 @@ def _device_slots(slots, pool, n):
     return slots
 
 
+_EAGER_PLANS = {}
+
+
+def _eager_torch_plan(head_size, r, k, v, w, u, pool, slots):
+    """The StepPlan of an eager torch call whose arguments are all tensors that need no conversion, or None (the full
+    path). One key of every shape, dtype and device (and the pool's layout) looks it up; a new key's plan is made by
+    the full path (every check, every error) once."""
+    if not is_torch_tensor(r) or torch_compiling():
+        return None
+    try:
+        key = (head_size, r.shape, r.dtype, r.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device,
+               w.shape, w.dtype, w.device, u.shape, u.dtype, u.device, pool.shape, pool.dtype, pool.device,
+               pool.is_contiguous(), slots.shape, slots.dtype, slots.device)
+    except AttributeError:   # not tensors (lists, NumPy): converted on the full path
+        return None
+    found = _EAGER_PLANS.get(key)
+    if found is None:
+        if not all(is_torch_tensor(x) and to_tensor(x) is x for x in (r, k, v, w, u, pool, slots)):
+            return None
+        found = _prepare(head_size, r, k, v, w, u, pool, slots).plan
+        if len(_EAGER_PLANS) >= 1024:
+            _EAGER_PLANS.clear()
+        _EAGER_PLANS[key] = found
+    return found
+
+
 def prepare_step(head_size, r, k, v, w, u, pool, slots):
     """StepArgs of a call of `step`: every check of its signature (cached), the pool's layout and the slot values."""
+    p = _eager_torch_plan(head_size, r, k, v, w, u, pool, slots)
+    if p is not None:
+        u = to_float32(reshape(u, (p.heads, p.head_size)) if p.u_flat else u)
+        return StepArgs(r, k, v, w, u, pool, _device_slots(slots, pool, p.pool_size), p)
+    return _prepare(head_size, r, k, v, w, u, pool, slots)
+
+
+def _prepare(head_size, r, k, v, w, u, pool, slots):
     for name, x in (("r", r), ("k", k), ("v", v), ("w", w), ("pool", pool), ("slots", slots)):
         if x is None:
             raise TypeError(f"`{name}` is required; got None.")

@@ -344,6 +344,25 @@ def test_bad_input_raises_a_clear_error(case):
     assert words in str(info.value), str(info.value)
 
 
+def test_errors_stay_after_cached_calls():
+    """The checks' outcome is cached per signature (shapes, dtypes, devices): a decode step of good backend tensors
+    twice, then bad ones of a signature next to it raise every time (no error is cached away)."""
+    x = make_inputs(2, 1, H, N, 0, n_state=2)
+    args = [tensor(x[n]) for n in "rkvwu"]
+    op = RWKVKernelOperator(N)
+    for _ in range(2):
+        op(*args, with_state=True, init_state=tensor(x["init_state"]))
+    bad = {"u": (dict(u=tensor(np.zeros((H, N + 1), np.float32))), ValueError, "`u`"),
+           "init_state": (dict(init_state=tensor(np.zeros((2, H, N, N), np.int32))), TypeError, "`init_state`"),
+           "k": (dict(k=tensor(np.zeros((2, 1, C), np.float16))), TypeError, "`k`")}
+    for changes, error, words in bad.values():
+        call = dict(zip("rkvwu", args), init_state=tensor(x["init_state"]))
+        call.update(changes)
+        for _ in range(2):
+            with pytest.raises(error, match=words):
+                op(*(call[n] for n in "rkvwu"), with_state=True, init_state=call["init_state"])
+
+
 def test_state_map_tensor_out_of_range_is_caught_eagerly():
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         bad_call(init_state=np.zeros((3, H, N, N), np.float32), state_map=tensor(np.array([0, 7], np.int32)))

@@ -14,7 +14,7 @@ from .recurrent import launch_step, on_current_device
 
 def pool_step_impl(r, k, v, w, u, pool, slots):
     r, k, v, w = r.contiguous(), k.contiguous(), v.contiguous(), w.contiguous()
-    u = u.to(torch.float32).contiguous()
+    u = (u if u.dtype == torch.float32 else u.float()).contiguous()
     slots = slots.contiguous()
     y = torch.empty_like(r)
     if on_current_device(r):

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ..step_settings import StepSettings
 from .common import exp, log_decay
+from .launcher import ALIGNMENT, CachedLaunch
 
 
 # Programs run in the order (row, head, column block) on one grid axis: B * H reaches 131072 at B = 4096, H = 32,
@@ -58,18 +59,36 @@ def step_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, s0_stride, slots_ptr,
     tl.store(s1_ptr + s1_base + state_offs, d[:, None] * S + k[:, None] * v[None, :])
 
 
+LAUNCH = CachedLaunch(step_kernel)
+_GEOMETRY = {}
+
+
+def geometry(settings, N):
+    """(settings, BV, num_warps) of a launch with head size N, memoised: a decode step's launch is short."""
+    found = _GEOMETRY.get((id(settings), N))
+    if found is None or found[0] is not settings:
+        found = _GEOMETRY[id(settings), N] = (settings, settings.columns(N), settings.warps(N))
+    return found
+
+
 def launch_step(r, k, v, w, u, s0, y, s1, slots=None, settings=None):
     """y, s1 <- one step from s0 (None: zeros). r, k, v, w, y: (B, 1, H, N) or (B, 1, C) contiguous; u: (H, N)
     float32 contiguous; s0: (B, H, N, N) float32 whose rows are contiguous, the row stride any (0: broadcast).
     slots: None, or a (B,) integer tensor: then s0 is s1, the pool, updated in place at rows slots. settings: the
-    launch geometry (default: STEP)."""
-    settings = settings or STEP
-    B = r.shape[0]
+    launch geometry (default: STEP). Launched on the current device, through launcher.py (little host time)."""
     H, N = u.shape
-    BV = settings.columns(N)
-    step_kernel[(B * H * (N // BV),)](
-        r, k, v, w, u, s0, 0 if s0 is None else s0.stride(0), slots,
-        y, s1, H, N=N, BV=BV, HAS_S0=s0 is not None, SLOTS=slots is not None, num_warps=settings.warps(N))
+    _, BV, warps = geometry(settings or STEP, N)
+    has_s0, has_slots = s0 is not None, slots is not None
+    s0_stride = s0.stride(0) if has_s0 else 0
+    device = r.get_device()
+    addresses = (r.data_ptr() | k.data_ptr() | v.data_ptr() | w.data_ptr() | u.data_ptr() | y.data_ptr()
+                 | s1.data_ptr() | (s0.data_ptr() if has_s0 else 0) | (slots.data_ptr() if has_slots else 0))
+    # Everything the compiled kernel is specialised on (launcher.py), or None: the normal launch.
+    key = (r.dtype, k.dtype, v.dtype, w.dtype, u.dtype, s0.dtype if has_s0 else None,
+           slots.dtype if has_slots else None, y.dtype, s1.dtype, s0_stride, H, N, BV, warps, device
+           ) if addresses % ALIGNMENT == 0 else None
+    LAUNCH((r.shape[0] * H * (N // BV),), key,
+           (r, k, v, w, u, s0, s0_stride, slots, y, s1, H, N, BV, has_s0, has_slots), device, num_warps=warps)
 
 
 def rows_contiguous(s):
@@ -80,19 +99,16 @@ def rows_contiguous(s):
 def step(r, k, v, w, u, s0):
     """Eager one-step forward: y in r's shape ((B, 1, H, N) or (B, 1, C)) and dtype, and the new state (B, H, N, N)
     float32. u: (H, N); s0: (B, H, N, N) or None."""
-    B = r.shape[0]
     H, N = u.shape
     r, k, v, w = r.contiguous(), k.contiguous(), v.contiguous(), w.contiguous()
-    if u.dtype != torch.float32:
-        u = u.float()
-    u = u.contiguous()
+    u = (u if u.dtype == torch.float32 else u.float()).contiguous()
     if s0 is not None:
         if s0.dtype != torch.float32:
             s0 = s0.float()
         if not rows_contiguous(s0):
             s0 = s0.contiguous()
     y = torch.empty_like(r)
-    s1 = torch.empty((B, H, N, N), dtype=torch.float32, device=r.device)
+    s1 = r.new_empty((r.shape[0], H, N, N), dtype=torch.float32)
     if on_current_device(r):
         launch_step(r, k, v, w, u, s0, y, s1)
     else:
