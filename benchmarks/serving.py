@@ -114,16 +114,10 @@ def median_ms(run, repeats):
 
 
 def peer_fla():
-    """fla's fused_recurrent_rwkv6, or None."""
-    for path in os.environ.get("PEER_PYTHONPATH", "").split(os.pathsep):
-        if path and path not in sys.path:
-            sys.path.append(path)
-    try:
-        from fla.ops.rwkv6 import fused_recurrent_rwkv6
-    except Exception as error:  # noqa: BLE001  (any import failure means: no peer in this run)
-        print(f"  (fla not importable: {type(error).__name__}: {error})")
-        return None
-    return fused_recurrent_rwkv6
+    """fla's fused_recurrent_rwkv6, or None (benchmarks/peers/fla.py)."""
+    from benchmarks.peers.fla import fla_rwkv6
+
+    return fla_rwkv6("fused_recurrent_rwkv6")
 
 
 def main(argv=None):

@@ -122,16 +122,10 @@ class Report:
 
 
 def peer_fla():
-    """fla's chunk_rwkv6, or None (looked for on $PEER_PYTHONPATH too)."""
-    for path in os.environ.get("PEER_PYTHONPATH", "").split(os.pathsep):
-        if path and path not in sys.path:
-            sys.path.append(path)
-    try:
-        from fla.ops.rwkv6 import chunk_rwkv6
-    except Exception as error:  # noqa: BLE001  (any import failure means: no peer in this run)
-        print(f"  (fla not importable: {type(error).__name__}: {error})")
-        return None
-    return chunk_rwkv6
+    """fla's chunk_rwkv6, or None (benchmarks/peers/fla.py)."""
+    from benchmarks.peers.fla import fla_rwkv6
+
+    return fla_rwkv6("chunk_rwkv6")
 
 
 def run_torch(args, shapes, cu, report):
