@@ -39,6 +39,7 @@ from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ..engines.pallas.sharding import rows_vmappable
 from .segments import end_gradients, local_state, segment_log_decay, start_gradient, start_states
 
 X4, U, S = "b t h n", "b h n", "b h n m"
@@ -177,7 +178,8 @@ def _chunked_backward_program(kernels, time_axis, T_global):
 
 
 def _partitioned(program, in_layouts, out_layouts):
-    """program(time axis, global T) -> the per-device function, as a custom_partitioning op."""
+    """program(time axis, global T) -> the per-device function, as a custom_partitioning op; vmappable (every
+    argument and result has a leading row axis)."""
     def unsharded(*args):
         return program(None, args[0].shape[1])(*args)
 
@@ -196,7 +198,7 @@ def _partitioned(program, in_layouts, out_layouts):
     op.def_partition(partition, infer_sharding_from_operands=infer, propagate_user_sharding=None,
                      sharding_rule=f"{', '.join(in_layouts)} -> {', '.join(out_layouts)}",
                      need_replication_factors=tuple(f for f in factors if f not in SHARDABLE))
-    return op
+    return rows_vmappable(op)
 
 
 def time_parallel(wkv, chunked=None):

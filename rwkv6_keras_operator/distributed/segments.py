@@ -10,6 +10,10 @@ state, then miss exactly the start state's term:
 
     y_t += (r_t ⊙ exp(Gx_t)) · S_in,    Gx_t = sum of g over the segment's positions before t (<= 0)
 
+S_local can also be found without running the segment, as one product (local_state); backward, each segment's start
+state gets its own outputs' gradient (start_gradient) and the decayed gradient of its end, which a reverse scan over
+the devices gives (end_gradients).
+
 Written in keras.ops (jax and torch), float32 throughout; every exponent is a sum of log-decays, so <= 0.
 """
 import keras
