@@ -7,7 +7,8 @@ fixes its device count at start), XLA_FLAGS=--xla_force_host_platform_device_cou
 
 For each engine and mesh: the operator under jax.jit on inputs sharded along T (alone, with rows, with heads) against
 the same call on unsharded inputs and the float64 oracle (y, final state, gradients of r, k, v, w, u, init_state),
-the outputs' shardings, and every collective of the compiled forward and gradient programs with its shape. 
+the outputs' shardings, and every collective of the compiled forward and gradient programs with its shape. pallas:
+also the gradient program under vmap, on unsharded inputs, against the plain call. 
 pallas-chunks: the Pallas kernels (by name) that the compiled gradient program launches, sharded along T and along
 the rows only, and those of the unwrapped engine's gradient program on one device (kernel_loops)."""
 import json
@@ -120,6 +121,11 @@ def run_engine(engine, seed):
     args = [x[n] for n in ("r", "k", "v", "w", "u", "init_state")]
     one = [np.asarray(a) for a in jax.jit(grads)(*args)]
     rows = []
+    if engine == "pallas":   # the wrapped engine under vmap (the vmapped axis folded into the rows)
+        stacked = jax.jit(jax.vmap(grads))(*(np.stack([a, a]) for a in args))
+        rows.append({"engine": engine, "mesh": "vmap of 2, unsharded",
+                     "vs_unsharded": {n: max(reference.relative_error(np.asarray(g[i]), o) for i in (0, 1))
+                                      for n, g, o in zip(names, stacked, one)}})
     meshes = dict(MESHES)
     if count_kernels:
         one_device = unwrapped_kernels(grads, args)

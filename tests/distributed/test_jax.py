@@ -6,7 +6,7 @@ compiled forward and gradient programs exchange only the per-segment pairs (no c
 pallas-chunks (segments of whole chunks): the compiled gradient programs, sharded along T or along the rows only,
 launch the same kernels as the unwrapped engine's on one device: the backward runs on the forward's chunk states (XLA's
 common-subexpression pass off, so that a recomputed kernel is not merged away by the compiler). The wrapper is on by
-default (RWKV6_TIME_SHARDING unset)."""
+default (RWKV6_TIME_SHARDING unset); the wrapped Pallas engine vmaps."""
 import json
 import os
 import subprocess
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.requires("jax")
 ENGINES = ["portable", pytest.param("pallas", marks=pytest.mark.requires("pallas")),
            pytest.param("pallas-chunks", marks=pytest.mark.requires("pallas"))]
 MESHES = ("T over 4 devices", "rows over 2 x T over 2", "heads over 2 x T over 2")
-ROWS_ONLY = "rows over 2"
+ROWS_ONLY, VMAPPED = "rows over 2", "vmap of 2, unsharded"
 
 
 def _run(tmp_path, engine, seed):
@@ -41,8 +41,14 @@ def test_time_sharded_equals_unsharded(tmp_path, engine, seed):
     results = _run(tmp_path, engine, seed)
     assert results["devices"] == 4, results
     meshes = list(MESHES) + ([ROWS_ONLY] if engine == "pallas-chunks" else [])
-    assert [row["mesh"] for row in results["rows"]] == meshes, results["rows"]
-    for row in results["rows"]:
+    rows = results["rows"]
+    if engine == "pallas":   # the wrapped engine vmaps
+        vmapped, rows = rows[0], rows[1:]
+        assert vmapped["mesh"] == VMAPPED and len(vmapped["vs_unsharded"]) == 8, vmapped
+        for key, error in vmapped["vs_unsharded"].items():
+            assert error <= (FP32_OUT if key in ("y", "state") else FP32_GRAD), (key, error)
+    assert [row["mesh"] for row in rows] == meshes, rows
+    for row in rows:
         assert row["engines"] == [engine.split("-")[0]], row
         if engine == "pallas-chunks":
             assert row["kernels"] == row["kernels_one_device"], row
