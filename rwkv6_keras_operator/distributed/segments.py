@@ -10,6 +10,10 @@ state, then miss exactly the start state's term:
 
     y_t += (r_t ⊙ exp(Gx_t)) · S_in,    Gx_t = sum of g over the segment's positions before t (<= 0)
 
+S_local can also be found without running the segment, as one product (local_state); backward, each segment's start
+state gets its own outputs' gradient (start_gradient) and the decayed gradient of its end, which a reverse scan over
+the devices gives (end_gradients).
+
 Written in keras.ops (jax and torch), float32 throughout; every exponent is a sum of log-decays, so <= 0.
 """
 import keras
@@ -44,13 +48,50 @@ def start_states(log_a, local, s0):
     return ops.stack(starts, axis=0), state
 
 
+def _einsum(spec, a, b):
+    """float32 einsum with full float32 products (jax would use TF32 on an NVIDIA GPU)."""
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        return jnp.einsum(spec, a, b, precision="highest")
+    return ops.einsum(spec, a, b)
+
+
+def _from_start(r, g):
+    """r_t ⊙ exp(Gx_t), float32: the decays from the segment start to each position applied to r."""
+    return ops.cast(r, "float32") * ops.exp(exclusive_log_decay(g))
+
+
 def start_term(r, g, s_in):
     """(r_t ⊙ exp(Gx_t)) · S_in for every position: the outputs' share of the segment's start state.
 
     r, g: (B, T, H, N) (g float32); s_in: (B, H, N, N) float32. Returns (B, T, H, N) float32."""
-    rq = ops.cast(r, "float32") * ops.exp(exclusive_log_decay(g))
-    if keras.backend.backend() == "jax":   # full float32 products (jax would use TF32 on an NVIDIA GPU)
-        import jax.numpy as jnp
+    return _einsum("bthi,bhij->bthj", _from_start(r, g), s_in)
 
-        return jnp.einsum("bthi,bhij->bthj", rq, s_in, precision="highest")
-    return ops.einsum("bthi,bhij->bthj", rq, s_in)
+
+def start_gradient(r, g, dy):
+    """Σ_t (r_t ⊙ exp(Gx_t)) dy_tᵀ: the gradient of the segment's start state from its own outputs (start_term
+    transposed). r, g, dy: (B, T, H, N). Returns (B, H, N, N) float32."""
+    return _einsum("bthi,bthj->bhij", _from_start(r, g), ops.cast(dy, "float32"))
+
+
+def local_state(k, v, g):
+    """S_local = Σ_t (k_t ⊙ exp(Gs_t)) v_tᵀ, Gs_t = Σ_{t < m < segment end} g_m <= 0: the segment's end state from a
+    zero start, as one product (no chunks, no scan). k, v, g: (B, T, H, N). Returns (B, H, N, N) float32."""
+    to_end = ops.flip(exclusive_log_decay(ops.flip(g, axis=1)), axis=1)   # a cumulative sum from the end
+    return _einsum("bthi,bthj->bhij", ops.cast(k, "float32") * ops.exp(to_end), ops.cast(v, "float32"))
+
+
+def end_gradients(log_a, local_grads, d_final):
+    """The reverse scan over devices: the gradient of every segment's end state.
+
+    log_a (D, B, H, N): each segment's pair's log a; local_grads (D, B, H, N, N): the gradient of each segment's
+    start state from its own outputs (start_gradient); d_final (B, H, N, N): the gradient of the state after the
+    last segment. Segment d's end is segment d + 1's start, whose gradient is its own part plus the decayed one of
+    its end: dS_end(D-1) = d_final, dS_end(d) = diag(a_{d+1}) dS_end(d+1) + local_grads[d+1]. Returns (D, B, H, N,
+    N)."""
+    grad, ends = d_final, [d_final]
+    for d in range(log_a.shape[0] - 1, 0, -1):
+        grad = ops.exp(log_a[d])[..., None] * grad + local_grads[d]
+        ends.append(grad)
+    return ops.stack(ends[::-1], axis=0)

@@ -87,10 +87,19 @@ def wkv(r, k, v, w, u, s0):
 
 @functools.lru_cache(maxsize=None)
 def _time_parallel_wkv(settings):
-    from ...distributed.jax import time_parallel
-    from .binding import wkv as _wkv
+    from ...distributed.jax import ChunkedKernels, time_parallel
+    from . import binding, scan
 
-    return time_parallel(functools.partial(_wkv, settings=settings))
+    def config(x, L):
+        return dict(L=L, precisions=binding.precisions(x.dtype, settings.low_precision), settings=settings)
+
+    kernels = ChunkedKernels(
+        chunk_length=settings.chunk_length,
+        forward=lambda r, k, v, w, u, s0, L: binding.forward_impl(r, k, v, w, u, s0, **config(r, L)),
+        backward=lambda r, k, v, w, u, states, dy, dsT, L: binding.backward_impl(r, k, v, w, u, states, dy, dsT,
+                                                                                 **config(r, L)),
+        scan=lambda k, v, w, s0, L: scan.launch_scan(k, v, w, s0, **config(k, L))[0])
+    return time_parallel(functools.partial(binding.wkv, settings=settings), kernels)
 
 
 def wkv_varlen(r, k, v, w, u, s0, cu_seqlens):

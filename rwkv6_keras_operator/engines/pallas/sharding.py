@@ -76,9 +76,15 @@ def parallel_op(fn, in_layouts, out_layouts):
         need_replication_factors=tuple(f for f in factors if f not in PARALLEL),
     )
 
+    return rows_vmappable(sharded)
+
+
+def rows_vmappable(fn):
+    """fn(*arrays) -> tuple of arrays, every one with a leading row axis and rows independent, made vmappable by
+    folding the vmapped axis into the rows (custom_partitioning ops have no batching rule of their own)."""
     @jax.custom_batching.custom_vmap
     def op(*args):
-        return tuple(sharded(*args))
+        return tuple(fn(*args))
 
     @op.def_vmap
     def _vmap(size, in_batched, *args):
