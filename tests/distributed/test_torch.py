@@ -4,7 +4,6 @@ the whole sequence on one process and the float64 oracle; mismatched shapes rais
 The portable engine, and the Triton engine in its interpreter (TRITON_INTERPRET=1)."""
 import json
 import os
-import socket
 
 import pytest
 
@@ -14,18 +13,12 @@ pytestmark = pytest.mark.requires("torch")
 WORLD = 3
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(tmp_path, engine, seed):
     import torch.multiprocessing as mp
 
     from tests.distributed import torch_cases
 
-    mp.spawn(torch_cases.run, args=(WORLD, _free_port(), str(tmp_path), engine, seed % 2**30), nprocs=WORLD,
+    mp.spawn(torch_cases.run, args=(WORLD, str(tmp_path), engine, seed % 2**30), nprocs=WORLD,
              join=True)
     return [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(WORLD)]
 

@@ -97,11 +97,12 @@ def _mismatch(rank, world):
     return None
 
 
-def run(rank, world, port, out, engine, seed):
+def run(rank, world, out, engine, seed):
     os.environ["KERAS_BACKEND"] = "torch"
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file in the test's own folder as the rendezvous: no port to race other processes for
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     try:
         _engine(engine)
         from rwkv6_keras_operator import engines
