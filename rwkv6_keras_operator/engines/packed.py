@@ -43,12 +43,19 @@ class ChunkTable(NamedTuple):
     has_chunks: object
 
 
-def chunk_table(cu_seqlens, T, n, L):
-    """The ChunkTable of cu_seqlens ((n + 1,) ints, 0 = cu[0] <= ... <= cu[n] = T; not checked here)."""
+def sequence_chunks(cu_seqlens, L):
+    """Per sequence of cu_seqlens ((n + 1,) ints): its first token, the token after its last, and chunk_cu (n + 1,),
+    the chunk offsets (sequence i has chunks chunk_cu[i] .. chunk_cu[i + 1] - 1, ceil(len_i / L) of them). int32."""
     cu = ops.cast(cu_seqlens, "int32")
     starts, ends = cu[:-1], cu[1:]
     chunks_per_sequence = (ends - starts + (L - 1)) // L
     chunk_cu = ops.concatenate([ops.zeros((1,), "int32"), ops.cast(ops.cumsum(chunks_per_sequence), "int32")])
+    return starts, ends, chunk_cu
+
+
+def chunk_table(cu_seqlens, T, n, L):
+    """The ChunkTable of cu_seqlens ((n + 1,) ints, 0 = cu[0] <= ... <= cu[n] = T; not checked here)."""
+    starts, ends, chunk_cu = sequence_chunks(cu_seqlens, L)
     chunk = ops.arange(max_chunks(T, n, L), dtype="int32")
     # a chunk's sequence: how many sequences end (in chunks) at or before it; empty sequences are skipped
     sequence = ops.cast(ops.minimum(ops.searchsorted(chunk_cu[1:], chunk, side="right"), n - 1), "int32")
@@ -62,15 +69,12 @@ def chunk_table(cu_seqlens, T, n, L):
     flags = ops.cast(first, "int32") * FIRST + ops.cast(last, "int32") * LAST
     packed = ops.stack([start, count, sequence, flags], axis=1)
     return ChunkTable(start=start, count=count, sequence=sequence, first=first, last=last, packed=packed,
-                      last_chunk=ops.maximum(chunk_cu[1:] - 1, 0), has_chunks=chunks_per_sequence > 0)
+                      last_chunk=ops.maximum(chunk_cu[1:] - 1, 0), has_chunks=ends > starts)
 
 
 def token_positions(cu_seqlens, T, L):
     """(T,) int32: the slot of each token in the chunks laid side by side (chunk * L + offset in the chunk)."""
-    cu = ops.cast(cu_seqlens, "int32")
-    starts, ends = cu[:-1], cu[1:]
-    chunk_cu = ops.concatenate([ops.zeros((1,), "int32"),
-                                ops.cast(ops.cumsum((ends - starts + (L - 1)) // L), "int32")])
+    starts, ends, chunk_cu = sequence_chunks(cu_seqlens, L)
     t = ops.arange(T, dtype="int32")
     sequence = ops.cast(ops.searchsorted(ends, t, side="right"), "int32")   # how many sequences end at or before t
     return ops.take(chunk_cu, sequence) * L + t - ops.take(starts, sequence)

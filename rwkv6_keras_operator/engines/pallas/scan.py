@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .. import packed
 from . import common
 from .levels import load_keys
 
@@ -41,9 +42,8 @@ SEQ_START, SEQ_END, SEQ_FIRST_CHUNK = range(3)
 def sequence_table(cu_seqlens, L):
     """(n, 3) int32: each sequence's first token, the token after its last, and its first chunk in the chunk table
     (engines/packed.py lays the ceil(len / L) chunks of the sequences side by side, in order)."""
-    cu = cu_seqlens.astype(jnp.int32)
-    chunks = (cu[1:] - cu[:-1] + (L - 1)) // L
-    return jnp.stack([cu[:-1], cu[1:], jnp.cumsum(chunks) - chunks], axis=1).astype(jnp.int32)
+    starts, ends, chunk_cu = packed.sequence_chunks(cu_seqlens, L)
+    return jnp.stack([starts, ends, chunk_cu[:-1]], axis=1)
 
 
 def scan_range(b, NC, L, sequences_ref):
