@@ -30,11 +30,11 @@ included), as for the true gradient.
 import triton
 import triton.language as tl
 
-from .common import (G_ZERO, chunk_rows, exp, g_rows, load_rows, load_rows_cached, mm, precision_args,
-                     store_rows)
+from .common import (G_ZERO, chunk_rows, exp, g_rows, launch_chunks, load_rows, load_rows_cached, mm,
+                     precision_args, store_rows)
 from .levels import pair_grads, pre_factor, suf_factor
 from .masks import after_mask, before_mask, masked_sum
-from .backward_split import launch_backward_split, sub_block_end_grad
+from .backward_split import launch_backward_split, launch_options, sub_block_end_grad
 from .sub_blocks import sub_block, sub_block_start
 
 
@@ -103,8 +103,7 @@ def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_p
         return launch_backward_split(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_part, precisions,
                                      settings, L, varlen)
     B, T, H, N = r.shape
-    chunks = None if varlen is None else varlen.chunks
-    NC = -(-T // L) if varlen is None else chunks.shape[0]
+    chunks, NC = launch_chunks(T, L, varlen)
     C = settings.sub_block
     launch = settings.backward_for(N)
     grid = (B * H * NC * (L // C),)
@@ -113,5 +112,4 @@ def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_p
                           dr, dk, dv, dw, du_part, chunks, T, H, NC, H * N,
                           N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions),
                           HAS_S0=s0 is not None, HAS_STATES=has_states, VARLEN=varlen is not None,
-                          num_warps=launch.num_warps, num_stages=launch.num_stages,
-                          **({"maxnreg": launch.maxnreg} if launch.maxnreg else {}))
+                          **launch_options(launch))

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (G_ZERO, chunk_rows, exp, g_rows, load_rows, load_rows_cached, mm, precision_args,
-                     store_rows)
+from .common import (G_ZERO, chunk_rows, exp, g_rows, launch_chunks, load_rows, load_rows_cached, mm,
+                     precision_args, store_rows)
 from .levels import level_factor, pre_factor, suf_factor
 from .masks import after_mask, before_mask, masked_sum, pair_mask, span_mask
 from .sub_blocks import step_over, sub_block, sub_block_start
@@ -190,8 +190,7 @@ def launch_keys(r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, precisions, set
 def split_geometry(r, precisions, settings, L, varlen):
     """(grid, the kernels' shared constexprs, the chunk table or None, NC) of a call on inputs shaped as r."""
     B, T, H, N = r.shape
-    chunks = None if varlen is None else varlen.chunks
-    NC = -(-T // L) if varlen is None else chunks.shape[0]
+    chunks, NC = launch_chunks(T, L, varlen)
     C = settings.sub_block
     geometry = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions), VARLEN=varlen is not None)
     return (B * H * NC * (L // C),), geometry, chunks, NC

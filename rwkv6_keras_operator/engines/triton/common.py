@@ -33,6 +33,14 @@ class Varlen(NamedTuple):
     chunks (the scan walks a sequence's chunks)."""
     chunks: object
     sequences: object
+
+
+def launch_chunks(T, L, varlen):
+    """(chunk table or None, NC) of a chunk kernel's launch: no table and ceil(T / L) chunks, or varlen's table and
+    its rows."""
+    return (None, -(-T // L)) if varlen is None else (varlen.chunks, varlen.chunks.shape[0])
+
+
 # Compiled kernels take exp as one instruction (`exp` below); the interpreter (TRITON_INTERPRET=1, read by triton when
 # the kernels are defined, as here) runs no inline assembly.
 FAST_EXP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0").strip() != "1")

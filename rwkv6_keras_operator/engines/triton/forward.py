@@ -15,7 +15,7 @@ does not hold registers while the pairs are built.
 import triton
 import triton.language as tl
 
-from .common import chunk_rows, g_rows, load_rows, mm, precision_args, store_rows
+from .common import chunk_rows, g_rows, launch_chunks, load_rows, mm, precision_args, store_rows
 from .levels import pair_scores, pre_factor
 from .sub_blocks import sub_block, sub_block_start
 
@@ -60,8 +60,7 @@ def launch_forward(r, k, v, w, u, s0, states, y, precisions, settings, L, varlen
     None, or for packed sequences (B == 1) their common.Varlen, with states (1, H, NC, N, N) (s0 None: the first
     chunks' start states are in `states`)."""
     B, T, H, N = r.shape
-    chunks = None if varlen is None else varlen.chunks
-    NC = -(-T // L) if varlen is None else chunks.shape[0]
+    chunks, NC = launch_chunks(T, L, varlen)
     C = settings.sub_block
     launch = settings.forward_for(N)
     BV = launch.block_v
