@@ -18,9 +18,10 @@ differentiation the forward always runs chunked and keeps the states at the chun
 Precisions.states_dtype) for the backward, which rebuilds everything else inside each chunk.
 
 Packed sequences (`wkv_varlen`) run the same kernels, always chunked, in a `jax.custom_vjp` of their own: the chunk
-kernels on the chunks of the chunk table (engines/packed.py), the scans one program per sequence (scan.py). Their ops have one row (B = 1) and per-sequence states, so the row and head rules of
-sharding.py do not apply: under vmap they run once per vmapped element (`one_at_a_time_under_vmap`), and under SPMD
-jit they take their inputs whole (XLA's default for a custom call).
+kernels on the chunks of the chunk table (engines/packed.py), the scans one program per sequence (scan.py). Their
+ops have one row (B = 1) and per-sequence states, so the row and head rules of sharding.py do not apply: under vmap
+they run once per vmapped element (`one_at_a_time_under_vmap`), and under SPMD jit they take their inputs whole
+(XLA's default for a custom call).
 """
 import dataclasses
 import functools

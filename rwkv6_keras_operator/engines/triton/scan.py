@@ -6,8 +6,9 @@ Backward: dS_{c-1} = diag(tot_c) dS_c + sum_{t in c} (r_t * pre_t) dy_t^T, from 
     the last chunk back to the first. Stores dS at the end of every chunk, and the gradient of s0.
 
 Both are the same update, S <- diag(exp(g_tot)) S + (a * exp(g_decay))^T b, with g_tot the sum of g over the chunk
-and (a, b, g_decay) = (k, v, the sums of g after each row) forward and (r, dy, the sums before each row) backward. Every (i, j) entry of S evolves on its own, so a program owns a BK x BV tile of
-one head's state and walks the chunks in order: the sequential part is one small matrix product per chunk.
+and (a, b, g_decay) = (k, v, the sums of g after each row) forward and (r, dy, the sums before each row) backward.
+Every (i, j) entry of S evolves on its own, so a program owns a BK x BV tile of one head's state and walks the
+chunks in order: the sequential part is one small matrix product per chunk.
 
 Few heads and long sequences leave few programs with long chains; then the chunks are cut into G segments scanned
 at once, each from zero (`state_scan_kernel`), and the update being linear, the true states follow:
