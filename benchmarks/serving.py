@@ -59,7 +59,8 @@ class Report:
                      "shapes": shapes, "rows": []}
 
     def add(self, case, what, ms, nbytes=None, copy_gbps=None, note=""):
-        """One row: ms a step; nbytes moved a step (GB/s), against copy_gbps measured in the same run."""
+        """One row, printed as it comes: ms a step; nbytes moved a step (GB/s), against copy_gbps measured in the same
+        run. Returns ms."""
         row = {"case": case, "what": what, "ms": ms, "note": note}
         if nbytes:
             row["GB/s"] = nbytes / ms / 1e6
@@ -67,10 +68,10 @@ class Report:
                 row["copy GB/s"] = copy_gbps
                 row["of copy"] = row["GB/s"] / copy_gbps
         self.data["rows"].append(row)
-        return ms
         print(f"  {case:<7} {what:<58} {ms:9.4f} ms" + (f"  {row['GB/s']:8.0f} GB/s" if nbytes else "")
               + (f" ({row['of copy']:.0%} of copy)" if "of copy" in row else "") + (f"  {note}" if note else ""),
               flush=True)
+        return ms
 
     def goal(self, text, ms, limit_ms):
         """One of the issue's goals: ms against the limit (met when ms <= limit_ms)."""

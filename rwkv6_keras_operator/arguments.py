@@ -53,7 +53,7 @@ class Plan:
 
 
 _PLANS = {}
-_MAX_PLANS = 1024   # distinct signatures kept (a training loop over many lengths makes one each)
+MAX_PLANS = 1024   # distinct signatures kept (a training loop over many lengths makes one each)
 _DTYPE_NAMES = {}
 
 
@@ -82,7 +82,6 @@ def _keras_device_type():
 
 
 _TORCH_TENSOR = _torch_tensor_type()   # the backend is fixed once keras is imported
-
 
 
 def _torch_compiling_check():
@@ -299,11 +298,7 @@ def _signature(head_size, r, k, v, w, u, init_state, state_map):
 def _cacheable():
     """Plans are cached except under torch.compile, whose tracer would have to follow the cache (shapes may be
     symbolic there, and its graph is built once anyway)."""
-    if _TORCH_TENSOR is None:
-        return True
-    import torch
-
-    return not torch.compiler.is_compiling()
+    return not torch_compiling()
 
 
 def cached(signature, make):
@@ -319,7 +314,7 @@ def cached(signature, make):
             return found
     made = make()
     if key is not None and made.static:
-        if len(_PLANS) >= _MAX_PLANS:
+        if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = made
     return made
@@ -357,7 +352,7 @@ def eager_torch_plan(head_size, r, k, v, w, u, init_state):
         if not all(_placed(x) for x in tensors):
             return None
         found = plan(head_size, r, k, v, w, u, init_state)
-        if len(_EAGER_PLANS) >= _MAX_PLANS:
+        if len(_EAGER_PLANS) >= MAX_PLANS:
             _EAGER_PLANS.clear()
         _EAGER_PLANS[key] = found
     return found
@@ -434,7 +429,7 @@ def apply(p, r, k, v, w, u, init_state=None, state_map=None, split_heads=True):
 
 
 def bonus(p, u):
-    """u as the engines take it: (H, N) float32."""
+    """u as the engines take it: (H, N) float32 (p: a Plan, or pool_arguments.StepPlan)."""
     return to_float32(reshape(u, (p.heads, p.head_size)) if p.u_flat else u)
 
 

@@ -13,8 +13,8 @@ from typing import NamedTuple
 import numpy as np
 from keras import ops
 
-from .arguments import (cached, check_bonus, check_channels, check_rkvw, dtype_name, is_torch_tensor, key_shape,
-                        reshape, shape_of, to_float32, to_tensor, torch_compiling, values_readable)
+from .arguments import (MAX_PLANS, bonus, cached, check_bonus, check_channels, check_rkvw, dtype_name,
+                        is_torch_tensor, key_shape, shape_of, to_tensor, torch_compiling, values_readable)
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def _eager_torch_plan(head_size, r, k, v, w, u, pool, slots):
         if not all(is_torch_tensor(x) and to_tensor(x) is x for x in (r, k, v, w, u, pool, slots)):
             return None
         found = _prepare(head_size, r, k, v, w, u, pool, slots).plan
-        if len(_EAGER_PLANS) >= 1024:
+        if len(_EAGER_PLANS) >= MAX_PLANS:
             _EAGER_PLANS.clear()
         _EAGER_PLANS[key] = found
     return found
@@ -179,8 +179,7 @@ def prepare_step(head_size, r, k, v, w, u, pool, slots):
     """StepArgs of a call of `step`: every check of its signature (cached), the pool's layout and the slot values."""
     p = _eager_torch_plan(head_size, r, k, v, w, u, pool, slots)
     if p is not None:
-        u = to_float32(reshape(u, (p.heads, p.head_size)) if p.u_flat else u)
-        return StepArgs(r, k, v, w, u, pool, _device_slots(slots, pool, p.pool_size), p)
+        return StepArgs(r, k, v, w, bonus(p, u), pool, _device_slots(slots, pool, p.pool_size), p)
     return _prepare(head_size, r, k, v, w, u, pool, slots)
 
 
@@ -202,5 +201,4 @@ def _prepare(head_size, r, k, v, w, u, pool, slots):
             raise ValueError(f"`pool` must be on the device of `r` ({r.device}); got {pool.device}.")
         if not pool.is_contiguous():
             raise ValueError("`pool` must be contiguous: its rows are updated in place where they lie.")
-    u = to_float32(reshape(u, (p.heads, p.head_size)) if p.u_flat else u)
-    return StepArgs(r, k, v, w, u, pool, _device_slots(slots, pool, p.pool_size), p)
+    return StepArgs(r, k, v, w, bonus(p, u), pool, _device_slots(slots, pool, p.pool_size), p)

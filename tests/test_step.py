@@ -170,6 +170,8 @@ def test_slot_tensor_checked_again_after_it_changed():
 def test_pool_layout_errors_under_torch():
     if BACKEND != "torch":
         pytest.skip("torch only: the pool is updated in place where it lies")
+    slots = tensor(np.array([1, 3], np.int32))
+    bad_step(slots=slots)   # a good step first: the strided pool has the signature of a cached one
     strided = tensor(np.zeros((4, H, N, 2 * N), np.float32))[..., ::2]
     with pytest.raises(ValueError, match="contiguous"):
-        bad_step(pool=strided)
+        bad_step(pool=strided, slots=slots)

@@ -76,9 +76,9 @@ def _shardings(mesh, axes, layouts):
     return tuple(NamedSharding(mesh, PartitionSpec(*(axes.get(f) for f in layout.split()))) for layout in layouts)
 
 
-def _start_state(k, v, w, s0, time_axis):
-    """This device's start state and the state after the last segment, from the pairs of every segment."""
-    g, log_a = segment_log_decay(w)
+def _start_state(k, v, g, log_a, s0, time_axis):
+    """This device's start state and the state after the last segment, from the pairs of every segment (g, log a:
+    segments.segment_log_decay of this segment's w)."""
     pairs = lax.all_gather(log_a, time_axis), lax.all_gather(local_state(k, v, g), time_axis)
     starts, final = start_states(*pairs, s0)
     return lax.dynamic_index_in_dim(starts, lax.axis_index(time_axis), keepdims=False), final
@@ -89,7 +89,7 @@ def _forward_program(wkv, time_axis):
     def run(r, k, v, w, u_rows, s0):
         if time_axis is None:
             return wkv(r, k, v, w, u_rows[0], s0)
-        s_in, final = _start_state(k, v, w, s0, time_axis)
+        s_in, final = _start_state(k, v, *segment_log_decay(w), s0, time_axis)
         y, _ = wkv(r, k, v, w, u_rows[0], s_in)
         return y, final
     return run
@@ -143,7 +143,7 @@ def _chunked_forward_program(kernels, time_axis, T_global):
     def run(r, k, v, w, u_rows, s0):
         _, T, _, N = r.shape
         L, q, whole_chunks = _layout(kernels, T_global, T, N)
-        s_in, final = (s0, None) if time_axis is None else _start_state(k, v, w, s0, time_axis)
+        s_in, final = (s0, None) if time_axis is None else _start_state(k, v, *segment_log_decay(w), s0, time_axis)
         y, last, states = kernels.forward(r, k, v, w, u_rows, s_in, L)
         if time_axis is None or whole_chunks:
             residual = _residual(states, T, q)
@@ -162,11 +162,11 @@ def _chunked_backward_program(kernels, time_axis, T_global):
         dy = dy.astype(r.dtype)
         if time_axis is None:
             return kernels.backward(r, k, v, w, u_rows, _chunk_states(residual, nc, N), dy, d_final, L)
+        g, log_a = segment_log_decay(w)
         if whole_chunks:
             states = _chunk_states(residual, nc, N)
         else:
-            states = kernels.scan(k, v, w, _start_state(k, v, w, s0, time_axis)[0], L)
-        g, log_a = segment_log_decay(w)
+            states = kernels.scan(k, v, w, _start_state(k, v, g, log_a, s0, time_axis)[0], L)
         ends = end_gradients(lax.all_gather(log_a, time_axis),
                              lax.all_gather(start_gradient(r, g, dy), time_axis), d_final)
         first = lax.axis_index(time_axis) == 0

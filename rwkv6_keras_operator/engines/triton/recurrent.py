@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..step_settings import StepSettings
 from .common import exp, log_decay
-from .launcher import ALIGNMENT, CachedLaunch
+from .launcher import CachedLaunch, aligned
 
 
 # Programs run in the order (row, head, column block) on one grid axis: B * H reaches 131072 at B = 4096, H = 32,
@@ -81,12 +81,10 @@ def launch_step(r, k, v, w, u, s0, y, s1, slots=None, settings=None):
     has_s0, has_slots = s0 is not None, slots is not None
     s0_stride = s0.stride(0) if has_s0 else 0
     device = r.get_device()
-    addresses = (r.data_ptr() | k.data_ptr() | v.data_ptr() | w.data_ptr() | u.data_ptr() | y.data_ptr()
-                 | s1.data_ptr() | (s0.data_ptr() if has_s0 else 0) | (slots.data_ptr() if has_slots else 0))
     # Everything the compiled kernel is specialised on (launcher.py), or None: the normal launch.
     key = (r.dtype, k.dtype, v.dtype, w.dtype, u.dtype, s0.dtype if has_s0 else None,
            slots.dtype if has_slots else None, y.dtype, s1.dtype, s0_stride, H, N, BV, warps, device
-           ) if addresses % ALIGNMENT == 0 else None
+           ) if aligned(r, k, v, w, u, s0, slots, y, s1) else None
     LAUNCH((r.shape[0] * H * (N // BV),), key,
            (r, k, v, w, u, s0, s0_stride, slots, y, s1, H, N, BV, has_s0, has_slots), device, num_warps=warps)
 
