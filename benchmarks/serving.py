@@ -79,7 +79,10 @@ class Report:
         self.data.setdefault("goals", []).append({"goal": text, "ms": ms, "limit ms": limit_ms, "met": met})
 
     def goals(self):
-        return "\n".join(f"- {g['goal']}: {g['ms']:.4f} ms against {g['limit ms']:.4f}: "
+        def ms(x):
+            return "not measured" if x is None else f"{x:.4f} ms"
+
+        return "\n".join(f"- {g['goal']}: {ms(g['ms'])} against {ms(g['limit ms'])}: "
                          f"{'met' if g['met'] else 'NOT met'}" for g in self.data.get("goals", []))
 
     def table(self):
