@@ -4,6 +4,7 @@ Every rank draws the same whole-sequence inputs, passes its own slice of T to di
 writes its results and the float64 oracle's (reference.py) as relative errors to OUT/rank{i}.json, per case."""
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -113,7 +114,13 @@ def run(rank, world, out, engine, seed):
             results["cases"][name] = {"dtype": dtype, **_case(rank, world, seed + i, decay, shards, n_state, dtype)}
         results["engines"] = sorted({e.NAME for e in engines._CHOSEN.values()})
         results["mismatch_error"] = _mismatch(rank, world)
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.barrier()   # no rank tears its connections down while another still talks to it
     finally:
         dist.destroy_process_group()
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    # Leave without the interpreter's finalisation: gloo's worker threads can still hold tensors then, and freeing
+    # them without the interpreter aborts the process (pytorch/pytorch#179291), after every result is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
