@@ -24,7 +24,8 @@ a masked product with exact 0/1 weights (masks.masked_sum; the pairs: levels.pai
 
 Key blocks of at most KEY_BLOCK channels are handled one after the other (only one block's tiles are live at a
 time); every key-channel quantity above is per channel, and A, the only sum over channels, accumulates. Packed
-sequences: the chunk table (engines/packed.py) gives each chunk's rows instead of c * L (common.rows_of).
+sequences: the chunk table (engines/packed.py) gives each chunk's rows instead of c * L (common.rows_of), and
+the unused chunks at its end only write their zero row of du.
 """
 import functools
 
@@ -40,8 +41,17 @@ KEY_BLOCK = 64
 
 def backward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref, table_ref,
                     dr_ref, dk_ref, dv_ref, dw_ref, du_ref, *, T, L, N, precisions):
-    c, rows, valid = common.chunk_rows(L, T, table_ref)
-    h, b = common.program_id(1), common.program_id(2)
+    def du_zero(c, h, b):   # an unused chunk of packed sequences has no rows to write, but du's rows are summed
+        common.store(du_ref.at[b, h, c, common.ds(0, N)], jnp.zeros((N,), jnp.float32))
+
+    common.chunk_program(table_ref, functools.partial(
+        _chunk_gradients, r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref, table_ref,
+        dr_ref, dk_ref, dv_ref, dw_ref, du_ref, T=T, L=L, N=N, precisions=precisions), du_zero)
+
+
+def _chunk_gradients(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref, table_ref,
+                     dr_ref, dk_ref, dv_ref, dw_ref, du_ref, c, h, b, *, T, L, N, precisions):
+    rows, valid = common.rows_of(c, L, T, table_ref)
     prec, sprec, mprec = precisions.prec, precisions.state_prec, precisions.mask_prec
     vsize, nv = common.blocks(N)
     ksize, nk = common.blocks(N, KEY_BLOCK)

@@ -158,10 +158,19 @@ def rows_of(c, L, T, table_ref=None):
     return ds(table_ref[c, packed.START], L), (jnp.arange(L) < table_ref[c, packed.COUNT])[:, None]
 
 
-def chunk_rows(L, T, table_ref=None):
-    """The chunk of this program (axis 0 of the grid) and rows_of it."""
-    c = program_id(0)
-    return (c, *rows_of(c, L, T, table_ref))
+def chunk_program(table_ref, body, otherwise=None):
+    """A chunk kernel's program (grid (NC, H, B)): body(c, h, b) for its chunk c, head h and row b. Without a table
+    every chunk holds tokens; with one (packed sequences) the unused chunks at its end (count 0) skip the body and
+    run otherwise(c, h, b) if given (what a chunk without rows must still write). The program ids are read here,
+    outside the branch: the interpreter has none inside one."""
+    c, h, b = program_id(0), program_id(1), program_id(2)
+    if table_ref is None:
+        body(c, h, b)
+        return
+    count = table_ref[c, packed.COUNT]
+    pl.when(count > 0)(lambda: body(c, h, b))
+    if otherwise is not None:
+        pl.when(count == 0)(lambda: otherwise(c, h, b))
 
 
 def add(acc, x):

@@ -7,7 +7,8 @@ are masked: zero inputs and g = 0, so padding changes nothing) and the state at 
 
 with A from the binary tree of levels (levels.pair_scores). Key and value dimensions are cut into blocks of at most
 64 (static loops), so N = 128 or 256 keeps the tiles small. Packed sequences: the chunk table (engines/packed.py)
-gives each chunk's rows instead of c * L (common.rows_of); the math is the same.
+gives each chunk's rows instead of c * L (common.rows_of); the math is the same, and the unused chunks at the
+table's end do nothing.
 """
 import functools
 
@@ -18,8 +19,13 @@ from .levels import bonus_scores, load_keys, pair_scores
 
 
 def forward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, table_ref, y_ref, *, T, L, N, precisions):
-    c, rows, valid = common.chunk_rows(L, T, table_ref)
-    h, b = common.program_id(1), common.program_id(2)
+    # an unused chunk of packed sequences has no rows: nothing to write
+    common.chunk_program(table_ref, functools.partial(_chunk_outputs, r_ref, k_ref, v_ref, w_ref, u_ref, states_ref,
+                                                      table_ref, y_ref, T=T, L=L, N=N, precisions=precisions))
+
+
+def _chunk_outputs(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, table_ref, y_ref, c, h, b, *, T, L, N, precisions):
+    rows, valid = common.rows_of(c, L, T, table_ref)
     size, n = common.blocks(N)
     blocks, us, rq = [], [], []
     for i in range(n):

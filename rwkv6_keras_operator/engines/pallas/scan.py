@@ -58,8 +58,13 @@ def scan_range(b, NC, L, sequences_ref):
 
 
 def state_terms_kernel(a_ref, b_ref, w_ref, table_ref, x_ref, tot_ref, *, T, L, N, precisions, reverse):
-    c, rows, valid = common.chunk_rows(L, T, table_ref)
-    h, b = common.program_id(1), common.program_id(2)
+    # an unused chunk of packed sequences: no scan reads its terms
+    common.chunk_program(table_ref, functools.partial(_chunk_terms, a_ref, b_ref, w_ref, table_ref, x_ref, tot_ref,
+                                                      T=T, L=L, N=N, precisions=precisions, reverse=reverse))
+
+
+def _chunk_terms(a_ref, b_ref, w_ref, table_ref, x_ref, tot_ref, c, h, b, *, T, L, N, precisions, reverse):
+    rows, valid = common.rows_of(c, L, T, table_ref)
     size, n = common.blocks(N)
     for i in range(n):
         kcols = common.ds(i * size, size)
