@@ -60,15 +60,23 @@ def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages,
                                                                         **({"maxnreg": maxnreg} if maxnreg else {})})
+    cubin = kernel.asm["cubin"]
+    sass = _cuobjdump(cubin, "-sass")
+    return (*resources(cubin), sass.count("HMMA"), sass.count("\n"), cubin)
+
+
+def _cuobjdump(cubin, flag):
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
+        f.write(cubin)
         f.flush()
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
-                               capture_output=True, text=True).stdout
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-    return (int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1)),
-            sass.count("HMMA"), sass.count("\n"), kernel.asm["cubin"])
+        return subprocess.run([os.path.join(tools, "cuobjdump"), flag, f.name], capture_output=True, text=True).stdout
+
+
+def resources(cubin):
+    """(registers a thread, stack bytes a thread) of a compiled kernel, by the cuobjdump bundled with triton."""
+    usage = _cuobjdump(cubin, "-res-usage")
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
 def executed_by_line(cubin, trips):
