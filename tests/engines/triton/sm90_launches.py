@@ -10,7 +10,9 @@ compiled as Triton would for it (its own specialisation of every argument) with 
     python -m tests.engines.triton.sm90_launches OUT.json
 
 writes one record a distinct launch: the kernel, what made it distinct, and its registers, stack bytes and shared
-memory, or the compiler's error. No kernel runs (the outputs are uninitialised), so no value is read back.
+memory, or the compiler's error. No kernel runs (the outputs are uninitialised), so no value is read back. Any
+triton on the path is the compiler checked: the GPU machines' own version (3.6) can be put first on PYTHONPATH
+(`pip install --target DIR triton==3.6.0`).
 """
 import json
 import os
@@ -193,7 +195,8 @@ def main(out):
     with multiprocessing.get_context("fork").Pool(max(1, min(os.cpu_count() or 1, 8))) as workers:
         records = workers.map(_compile_at, range(len(KERNELS)), chunksize=1)
     with open(out, "w") as f:
-        json.dump({"defined": defined_kernels(), "launches": len(launches), "records": records}, f)
+        json.dump({"triton": triton.__version__, "defined": defined_kernels(), "launches": len(launches),
+                   "records": records}, f)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def test_every_kernel_is_launched(compiled):
 
 def test_every_launch_compiles(compiled):
     failed = [_launch(record) + "\n" + record["error"] for record in compiled["records"] if "error" in record]
-    assert not failed, "\n\n".join(failed[:5])
+    assert not failed, f"triton {compiled['triton']}:\n" + "\n\n".join(failed[:5])
 
 
 def test_shared_memory_fits_hopper(compiled):
