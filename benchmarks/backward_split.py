@@ -6,8 +6,9 @@ one GPU, one run: for each shape and variant the forward, forward + backward and
 
 Shapes: train (B=8, T=4096, H=32, N=64), long (B=1, T=16384, H=32, N=64), train128 (B=8, T=4096, H=16, N=128: the
 same channels, head size 128). Variants (launch settings of the backward chunk kernel(s); settings.BackwardLaunch
-(num_warps, num_stages, maxnreg)): fused (the default), fused168 (maxnreg 168), split (the split's default
-launches), split168 (both kernels capped at 168 registers a thread: 3 programs of 4 warps an SM), split8w (8 warps).
+(num_warps, num_stages, maxnreg)): fused (the default), fused168 (maxnreg 168), fused8w168 (8 warps capped at 168:
+2 programs of 8 warps an SM, twice the default's warps), split (the split's default launches), split168 (both kernels
+capped at 168 registers a thread: 3 programs of 4 warps an SM), split8w (8 warps).
 The timings: triton.testing.do_bench medians, bf16 inputs, u float32, random data (as gpu_torch.py); "bwd kernel"
 is backward.launch_backward alone (both kernels for a split), "rows" and "keys" each split kernel alone.
 Before timing, each variant's gradients are compared with the fused default's on the same inputs (relative L2;
@@ -42,6 +43,7 @@ def variants(N):
     """name -> Settings; the fused kernel's default launch for this head size is the base of the capped ones."""
     warps = 4 if N <= 64 else 8
     return {"fused": Settings(), "fused168": Settings(backward=BackwardLaunch(warps, 1, 168)),
+            "fused8w168": Settings(backward=BackwardLaunch(8, 1, 168)),
             "split": Settings(backward_split=True),
             "split168": Settings(backward_split=True, backward=BackwardLaunch(warps, 1, 168)),
             "split8w": Settings(backward_split=True, backward=BackwardLaunch(8, 1, None))}
