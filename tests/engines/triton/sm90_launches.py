@@ -33,6 +33,7 @@ from rwkv6_keras_operator.engines.triton import binding, pool, recurrent  # noqa
 from rwkv6_keras_operator.engines.triton.settings import Settings  # noqa: E402
 from tests.helpers import load_script  # noqa: E402
 
+REPORT = load_script("benchmarks/triton_compile_report.py")   # its resources(cubin): registers and stack bytes
 TARGET = GPUTarget("cuda", 90, 32)
 OPTIONS = ("num_warps", "num_stages", "maxnreg", "num_ctas")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,19 +161,13 @@ def defined_kernels():
     return sorted(names)
 
 
-def resources(cubin):
-    """(registers, stack bytes) of a cubin, by the bundled cuobjdump."""
-    report = load_script("benchmarks/triton_compile_report.py")
-    return report.resources(cubin)
-
-
 def compile_one(fn, signature, constexprs, attrs, options):
     record = {"kernel": fn.__name__, "options": options,
               "constexprs": {k: v for k, v in constexprs.items() if isinstance(v, (int, float, str, type(None)))}}
     try:
         kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=TARGET,
                                 options=options)
-        record["registers"], record["stack"] = resources(kernel.asm["cubin"])
+        record["registers"], record["stack"] = REPORT.resources(kernel.asm["cubin"])
         record["shared"] = kernel.metadata.shared
     except Exception:   # the test reports every failure with its launch
         record["error"] = traceback.format_exc(limit=3)[-3000:]
