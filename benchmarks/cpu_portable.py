@@ -42,7 +42,8 @@ fwd = lambda *a: op(*a)[0]
 if backend == "jax":
     import jax
     f_fwd = jax.jit(fwd)
-    f_bwd = jax.jit(jax.grad(lambda *a: (fwd(*a) * dy_t).sum(), argnums=(0, 1, 2, 3, 4)))
+    # value_and_grad on every backend: the loss needs y, so the whole forward is timed, as in a training step
+    f_bwd = jax.jit(jax.value_and_grad(lambda *a: (fwd(*a) * dy_t).sum(), argnums=(0, 1, 2, 3, 4)))
     sync = jax.block_until_ready
 elif backend == "tensorflow":
     import tensorflow as tf
@@ -52,7 +53,7 @@ elif backend == "tensorflow":
         with tf.GradientTape() as tape:
             tape.watch(a)
             loss = tf.reduce_sum(fwd(*a) * dy_t)
-        return tape.gradient(loss, a)
+        return loss, tape.gradient(loss, a)
     sync = lambda x: [t.numpy() for t in tf.nest.flatten(x)]
 else:
     import torch
@@ -62,7 +63,8 @@ else:
             return fwd(*a)
     def f_bwd(*a):
         a = [t.detach().requires_grad_(True) for t in a]
-        return torch.autograd.grad((fwd(*a) * dy_t).sum(), a)
+        loss = (fwd(*a) * dy_t).sum()
+        return loss, torch.autograd.grad(loss, a)
     sync = lambda x: x
 def timed(f):
     sync(f(*args))  # compile / warm up

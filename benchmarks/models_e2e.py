@@ -177,7 +177,8 @@ def wkv_ms(backend, wkv, B, T, C, N, backward, clock, reps):
         fn = jax.jit(lambda r, k, v, w, s0: wkv(r, k, v, w, u, with_state=True, init_state=s0))
         return clock.mean_ms(lambda: fn(r, k, v, w, s0), reps)
     dy = jnp.ones(r.shape, jnp.float32)
-    fn = jax.jit(jax.grad(lambda *x: jnp.sum(wkv(*x, u)[0].astype(jnp.float32) * dy), argnums=(0, 1, 2, 3)))
+    # value_and_grad: the loss needs y, so the forward's output kernel stays in the program (as in a training step)
+    fn = jax.jit(jax.value_and_grad(lambda *x: jnp.sum(wkv(*x, u)[0].astype(jnp.float32) * dy), argnums=(0, 1, 2, 3)))
     return clock.mean_ms(lambda: fn(r, k, v, w), reps)
 
 

@@ -140,7 +140,7 @@ def jax_worker(devices, out):
         y, _ = op(r, k, v, w, u)
         return jnp.sum(y.astype(jnp.float32) * dy)
 
-    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))   # the loss needs y: the forward stays whole
     rows = []
     for log2_t in range(MIN_LOG2_T, MAX_LOG2_T + 1):
         T = 2 ** log2_t

@@ -241,7 +241,8 @@ def bench_jax():
                     return jnp.sum(fn(r, k, v, w, u).astype(jnp.float32))
 
                 try:
-                    ms_fb = timeit(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), r, k, v, w, u)
+                    # value_and_grad: the loss needs the forward's y, which jax.grad alone would let XLA drop
+                    ms_fb = timeit(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), r, k, v, w, u)
                 except Exception as e:  # noqa: BLE001
                     ms_fb = None
                     emit(kind="error", peer=name, what="jax grad", err=repr(e)[:300])

@@ -197,7 +197,11 @@ def _median_ms(fn, repeats, budget):
 
 
 def _runner(backend, wkv, tensors, s0, dy, backward):
-    """A no-argument function running one pass to completion (synchronised) under `backend`."""
+    """A no-argument function running one pass to completion (synchronised) under `backend` and returning what it
+    computed: the forward's (y, state), or for fwd+bwd (loss, gradients of r, k, v, w, u) with loss = sum(y * dy).
+    The loss is returned, as a training step returns it, so that y is computed: a compiled program that returned
+    only the gradients would not need y (dy is a constant), and XLA or grappler would drop the forward's output
+    kernel from the timed program."""
     if backend == "jax":
         import jax
         import jax.numpy as jnp
@@ -206,7 +210,7 @@ def _runner(backend, wkv, tensors, s0, dy, backward):
             def loss(r, k, v, w, u):
                 return jnp.sum(wkv(r, k, v, w, u, s0)[0].astype(jnp.float32) * dy)
 
-            fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
         else:
             fn = jax.jit(lambda r, k, v, w, u: wkv(r, k, v, w, u, s0))
         return lambda: jax.block_until_ready(fn(*tensors))
@@ -219,14 +223,21 @@ def _runner(backend, wkv, tensors, s0, dy, backward):
             with tf.GradientTape() as tape:
                 tape.watch([r, k, v, w, u])
                 loss = tf.reduce_sum(tf.cast(wkv(r, k, v, w, u, s0)[0], tf.float32) * dy)
-            return tape.gradient(loss, [r, k, v, w, u])
+            return loss, tape.gradient(loss, [r, k, v, w, u])
 
         fn = tf.function(body, jit_compile=True)
         try:
             fn(*tensors)
         except Exception:  # noqa: BLE001 - not XLA-compilable: a plain graph
             fn = tf.function(body)
-        return lambda: [float(tf.reduce_sum(x[..., :1])) for x in fn(*tensors)]
+
+        def run_tf():
+            out = fn(*tensors)
+            for x in tf.nest.flatten(out):   # one value of each result to the host: waits for all of them
+                if x is not None:
+                    float(tf.reshape(x, [-1])[0])
+            return out
+        return run_tf
     import torch
 
     sync = torch.cuda.synchronize if tensors[0].is_cuda else (lambda: None)
@@ -234,14 +245,16 @@ def _runner(backend, wkv, tensors, s0, dy, backward):
         leaves = [t.detach().requires_grad_(True) for t in tensors]
 
         def run_torch():
-            y = wkv(*leaves, s0)[0]
-            torch.autograd.grad((y.float() * dy).sum(), leaves)
+            loss = (wkv(*leaves, s0)[0].float() * dy).sum()
+            grads = torch.autograd.grad(loss, leaves)
             sync()
+            return loss.detach(), grads
     else:
         def run_torch():
             with torch.no_grad():
-                wkv(*tensors, s0)
+                out = wkv(*tensors, s0)
             sync()
+            return out
     return run_torch
 
 

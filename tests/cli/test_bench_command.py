@@ -3,7 +3,9 @@ import argparse
 import json
 
 import keras
+import numpy as np
 import pytest
+from keras import ops
 
 from rwkv6_keras_operator import engines
 from rwkv6_keras_operator.cli import bench
@@ -17,6 +19,19 @@ def test_each_pass_runs_and_is_timed(name):
     fn = bench._runner(keras.backend.backend(), portable.wkv, tensors, s0, dy, backward=name == "fwd+bwd")
     ms, first = bench._median_ms(fn, repeats=3, budget=0.5)
     assert 0 < ms < 10_000 and first > 0
+
+
+@pytest.mark.parametrize("engine", engines.available(), ids=lambda engine: engine.NAME)
+def test_fwd_bwd_returns_the_loss_of_the_forward(engine, seed):
+    """The timed fwd+bwd program computes y, as a training step does: it returns loss = sum(y * dy), which equals the
+    forward's. (Returning only the gradients, which do not need y, lets XLA drop the forward's output kernel from
+    the timed program: the time would then miss a kernel a training step runs.)"""
+    tensors, s0, dy = bench._inputs(1, 45, 2, 64, "float32", seed=seed, with_state=False)
+    loss, grads = bench._runner(keras.backend.backend(), engine.wkv, tensors, s0, dy, backward=True)()
+    y = engine.wkv(*tensors, s0)[0]
+    want = np.sum(ops.convert_to_numpy(y).astype(np.float64) * ops.convert_to_numpy(dy))
+    assert abs(float(ops.convert_to_numpy(loss)) - want) <= 1e-5 * np.sum(np.abs(ops.convert_to_numpy(y)))
+    assert [tuple(g.shape) for g in grads] == [tuple(x.shape) for x in tensors]
 
 
 def _records():
