@@ -1,5 +1,6 @@
 """The Triton backward fused (backward.py) against split in two kernels (Settings.backward_split, backward_split.py),
-one GPU, one run: for each shape and variant the forward, forward + backward and the backward chunk kernel(s) alone.
+one GPU, one run: for each shape and variant the forward, forward + backward and the backward chunk kernel(s) alone
+(and the default's forward first, as the reference).
 
     python3 benchmarks/backward_split.py                 # all shapes, all variants (a few minutes on an H200)
     SHAPES=train VARIANTS=fused,split python3 benchmarks/backward_split.py
@@ -8,7 +9,9 @@ Shapes: train (B=8, T=4096, H=32, N=64), long (B=1, T=16384, H=32, N=64), train1
 same channels, head size 128). Variants (launch settings of the backward chunk kernel(s); settings.BackwardLaunch
 (num_warps, num_stages, maxnreg)): fused (the default), fused168 (maxnreg 168), fused8w168 (8 warps capped at 168:
 2 programs of 8 warps an SM, twice the default's warps), split (the split's default launches), split168 (both kernels
-capped at 168 registers a thread: 3 programs of 4 warps an SM), split8w (8 warps).
+capped at 168 registers a thread: 3 programs of 4 warps an SM), split8w (8 warps); fused_table and split_table
+(fused and split with Settings.mask_table: every chunk kernel, the forward's too, loads the levels' masks from the
+level table instead of building them).
 The timings: triton.testing.do_bench medians, bf16 inputs, u float32, random data (as gpu_torch.py); "bwd kernel"
 is backward.launch_backward alone (both kernels for a split), "rows" and "keys" each split kernel alone.
 Before timing, each variant's gradients are compared with the fused default's on the same inputs (relative L2;
@@ -46,7 +49,9 @@ def variants(N):
             "fused8w168": Settings(backward=BackwardLaunch(8, 1, 168)),
             "split": Settings(backward_split=True),
             "split168": Settings(backward_split=True, backward=BackwardLaunch(warps, 1, 168)),
-            "split8w": Settings(backward_split=True, backward=BackwardLaunch(8, 1, None))}
+            "split8w": Settings(backward_split=True, backward=BackwardLaunch(8, 1, None)),
+            "fused_table": Settings(mask_table=True),
+            "split_table": Settings(backward_split=True, mask_table=True)}
 
 
 def log(msg):
@@ -84,6 +89,7 @@ def time_shape(name, B, T, H, N, only):
         try:
             got = grads(r, k, v, w, u, dy, st)
             res["grads_vs_fused"] = {n: rel(a, b) for n, a, b in zip("rkvwu", got, reference)}
+            res["fwd_ms"] = bench(lambda: binding.wkv(r, k, v, w, u, None, st))   # mask_table changes the forward
             ts = [a.clone().requires_grad_(True) for a in (r, k, v, w, u)]
 
             def fb():
@@ -117,15 +123,15 @@ def main():
         with open(os.path.join(OUT, "backward_split.json"), "w") as f:
             json.dump(results, f, indent=1)
     print(f"\n{results['gpu']}, triton {triton.__version__}, bf16, ms (median)")
-    print(f"{'shape':<10}{'variant':<10}{'fwd':>8}{'fwd+bwd':>9}{'bwd kern':>9}{'rows':>8}{'keys':>8}  max grad diff")
+    print(f"{'shape':<10}{'variant':<12}{'fwd':>8}{'fwd+bwd':>9}{'bwd kern':>9}{'rows':>8}{'keys':>8}  max grad diff")
     for s, res in results["shapes"].items():
         for vname, v in res.items():
             if vname == "fwd_ms":
                 continue
-            cells = [f"{v[key]:8.3f}" if key in v else f"{'-':>8}" for key in ("fwd_bwd_ms", "bwd_kernel_ms", "rows_ms",
-                                                                               "keys_ms")]
+            cells = [f"{v[key]:8.3f}" if key in v else f"{'-':>8}" for key in ("fwd_ms", "fwd_bwd_ms", "bwd_kernel_ms",
+                                                                               "rows_ms", "keys_ms")]
             diff = max(v["grads_vs_fused"].values()) if "grads_vs_fused" in v else float("nan")
-            print(f"{s:<10}{vname:<10}{res['fwd_ms']:8.3f} " + " ".join(cells) + f"  {diff:.1e} {v.get('error', '')}")
+            print(f"{s:<10}{vname:<12}" + " ".join(cells) + f"  {diff:.1e} {v.get('error', '')}")
 
 
 T0 = time.time()

@@ -7,6 +7,7 @@ bundles its ptxas; with another version it may differ (benchmarks/notes_triton.m
     CHUNKS=32/32,64/32 WARPS=4,8 N=64 DTYPE=bfloat16 MAXNREG=128 python benchmarks/triton_compile_report.py
     LINES=20 WARPS=4 python benchmarks/triton_compile_report.py               # + instructions a warp executes, by line
     VARLEN=1 python benchmarks/triton_compile_report.py                       # the kernels of packed sequences
+    MASK_TABLE=1 python benchmarks/triton_compile_report.py                   # Settings.mask_table
     KERNELS=backward,backward_rows,backward_keys python benchmarks/triton_compile_report.py   # some kernels only
 
 Kernels (KERNELS, default all): forward, backward (the fused backward), backward_rows and backward_keys (the split
@@ -50,7 +51,7 @@ def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
         elif name.endswith("_ptr"):
             fp32 = name in ("u_ptr", "s0_ptr", "du_ptr", "dg_ptr") or (name in ("states_ptr", "dstates_ptr") and
                                                              dtype != "bfloat16")   # Precisions.states_dtype
-            signature[name] = "*" + ("i32" if name in ("chunks_ptr", "sequences_ptr") else
+            signature[name] = "*" + ("i32" if name in ("chunks_ptr", "sequences_ptr") else "bf16" if name == "table_ptr" else
                                      "fp32" if fp32 else TYPES[dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
@@ -133,6 +134,7 @@ def main():
     maxnreg = int(os.environ["MAXNREG"]) if os.environ.get("MAXNREG") else None
     top = int(os.environ.get("LINES", "0"))
     varlen = os.environ.get("VARLEN", "0") == "1"   # the kernels of packed sequences (chunks from the chunk table)
+    table = os.environ.get("MASK_TABLE", "0") == "1"   # Settings.mask_table: the levels' masks from the level table
     kernels = {"forward": (forward.forward_kernel, {"BV": N}, 2), "backward": (backward.backward_kernel, {}, 1),
                "backward_rows": (backward_split.backward_rows_kernel, {}, 1),
                "backward_keys": (backward_split.backward_keys_kernel, {}, 1)}
@@ -142,7 +144,8 @@ def main():
     for L, C in chunks:
         # as the benchmark's calls: no start state, several chunks (the stored chunk states)
         common = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **p, HAS_S0=False, s0_ptr=None, HAS_STATES=True,
-                      VARLEN=varlen, **({} if varlen else {"chunks_ptr": None}))
+                      VARLEN=varlen, MASK_TABLE=table, **({} if varlen else {"chunks_ptr": None}),
+                      **({} if table else {"table_ptr": None}))
         for warps in warps_list:
             for name in names:
                 fn, extra, stages = kernels[name]

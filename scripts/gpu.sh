@@ -11,8 +11,9 @@
 #   bash scripts/gpu.sh serving  # benchmarks/serving.py: decode through the operator, B=4096 against copy, the pool
 #   bash scripts/gpu.sh models   # benchmarks/models_e2e.py: the RWKV-6 169M model, training step and generation
 #   bash scripts/gpu.sh varlen   # benchmarks/varlen.py: packed sequences (cu_seqlens) vs fixed length and fla
-#   bash scripts/gpu.sh bwd_split  # the split Triton backward (Settings.backward_split): its tests compiled, then
-#                                  # benchmarks/backward_split.py (fused against split, each kernel alone)
+#   bash scripts/gpu.sh bwd_split  # the split Triton backward (Settings.backward_split) and the level table
+#                                  # (Settings.mask_table): their tests compiled, then benchmarks/backward_split.py
+#                                  # (fused against split, with and without the table, each kernel alone)
 #   bash scripts/gpu.sh tests multi bench                                      # stages run in the order given
 #
 # The peers (and keras, where the machine lacks it) come from scripts/peers.sh: `bash scripts/peers.sh download`
@@ -103,7 +104,8 @@ for stage in "$@"; do
       pack_autotune ;;
     bwd_split)   # tests compiled on GPU 0, then the timings alone
       step bwd_split_tests "${TESTS_LIMIT:-300}" env CUDA_VISIBLE_DEVICES=0 KERAS_BACKEND=torch python3 -m pytest \
-        tests/engines/triton/test_backward_split.py tests/engines/triton/test_kernels.py -q -p no:cacheprovider -rs
+        tests/engines/triton/test_backward_split.py tests/engines/triton/test_mask_table.py \
+        tests/engines/triton/test_kernels.py -q -p no:cacheprovider -rs
       step bwd_split "${BENCH_LIMIT:-560}" env CUDA_VISIBLE_DEVICES=0 KERAS_BACKEND=torch python3 benchmarks/backward_split.py ;;
     ddp) step ddp_torch "${DDP_LIMIT:-200}" env KERAS_BACKEND=torch python3 benchmarks/ddp_torch.py ;;
     shard) step shard_jax "${SHARD_LIMIT:-300}" env KERAS_BACKEND=jax python3 benchmarks/shard_jax.py ;;

@@ -23,8 +23,8 @@ import triton.language as tl
 
 from .common import (G_ZERO, chunk_rows, exp, g_rows, launch_chunks, load_rows, load_rows_cached, mm,
                      precision_args, store_rows)
-from .levels import level_factor, pre_factor, suf_factor
-from .masks import after_mask, before_mask, masked_sum, pair_mask, span_mask
+from .levels import level_factor, level_span_sum, pre_factor, suf_factor
+from .masks import after_mask, before_mask, launch_table, masked_sum, pair_mask
 from .sub_blocks import step_over, sub_block, sub_block_start
 
 
@@ -40,8 +40,9 @@ def sub_block_tiles(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, base, rows, T, kcols, st
 
 
 @triton.jit
-def pair_side(own, other, dA, g, KEYS: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
-              PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
+def pair_side(own, other, dA, g, table_ptr, KEYS: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
+              PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
+              MASK_TABLE: tl.constexpr):
     """One side of levels.pair_grads. KEYS False: own = r, other = k, the rows t of each pair:
     (zeros, dr, dg's terms r_t dr^h[t]); KEYS True: own = k, other = r, the rows s:
     (A, dk, dg's terms k_s dk^h[s]). A's level products need both factors, so only the keys side builds A."""
@@ -59,12 +60,12 @@ def pair_side(own, other, dA, g, KEYS: tl.constexpr, C: tl.constexpr, LOG_C: tl.
         dA_h = tl.where(p, dA, 0.0)
         if KEYS:
             dA_h = tl.trans(dA_h)
-        F = level_factor(g, shift, C, PIECES, MASK_PREC)    # pre_h on the rows t, suf_h on the rows s
+        F = level_factor(g, shift, table_ptr, C, PIECES, MASK_PREC, MASK_TABLE)   # pre_h on rows t, suf_h on rows s
         oq = other * F
         if KEYS:
             A += tl.where(p, mm(oq, tl.trans(own * F), PREC), 0.0)
         part = mm(dA_h, oq, PREC) * F                       # non-zero on this side's half of each block only
-        dg += masked_sum(span_mask(C, shift), own * part, DG_PIECES, MASK_PREC)
+        dg += level_span_sum(own * part, shift, table_ptr, C, DG_PIECES, MASK_PREC, MASK_TABLE)
         d_own += part
     return A, d_own, dg
 
@@ -84,12 +85,12 @@ def sub_block_end_grad(dstates_ptr, r_ptr, dy_ptr, w_ptr, bh, c, J, NC, base, T,
 
 @triton.jit
 def backward_rows_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstates_ptr, dy_ptr,
-                         dr_ptr, dg_ptr, du_ptr, chunks_ptr,
+                         dr_ptr, dg_ptr, du_ptr, chunks_ptr, table_ptr,
                          T, H, NC, stride_t,
                          N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
                          STATE_PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr,
                          MASK_PREC: tl.constexpr, HAS_S0: tl.constexpr, HAS_STATES: tl.constexpr,
-                         VARLEN: tl.constexpr):
+                         VARLEN: tl.constexpr, MASK_TABLE: tl.constexpr):
     """The t side: dr, du partials and dg_rows (see the module's docstring)."""
     tl.static_assert(C == 1 << LOG_C, "the sub-block C must be 2^LOG_C rows")
     tl.static_assert(L % C == 0, "a chunk of L rows must be whole sub-blocks of C rows")
@@ -106,7 +107,8 @@ def backward_rows_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, 
     rows = J * C + tl.arange(0, C)
     r, k, g, v, dy = sub_block_tiles(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, base, rows, T, kcols, stride_t)
     dA_diag = tl.sum(dy * v, 1)                                            # dA[t, t]
-    _, dr, dg = pair_side(r, k, mm(dy, tl.trans(v), PREC), g, False, C, LOG_C, PREC, PIECES, DG_PIECES, MASK_PREC)
+    _, dr, dg = pair_side(r, k, mm(dy, tl.trans(v), PREC), g, table_ptr, False, C, LOG_C, PREC, PIECES, DG_PIECES,
+                          MASK_PREC, MASK_TABLE)
     dy = load_rows_cached(dy_ptr, base, rows, T, vcols, stride_t, ".cg")   # again, not held through the levels
     u = tl.load(u_ptr + h * N + kcols)
     S = sub_block_start(s0_ptr, states_ptr, k_ptr, v_ptr, w_ptr, bh, c, J, NC, base, T, stride_t, kcols, vcols,
@@ -124,11 +126,11 @@ def backward_rows_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, 
 
 @triton.jit
 def backward_keys_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, dstates_ptr, dy_ptr, dg_ptr,
-                         dk_ptr, dv_ptr, dw_ptr, chunks_ptr,
+                         dk_ptr, dv_ptr, dw_ptr, chunks_ptr, table_ptr,
                          T, H, NC, stride_t,
                          N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
                          STATE_PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr,
-                         MASK_PREC: tl.constexpr, VARLEN: tl.constexpr):
+                         MASK_PREC: tl.constexpr, VARLEN: tl.constexpr, MASK_TABLE: tl.constexpr):
     """The s side: dk, dv, and dw from its dg terms plus dg_rows (see the module's docstring)."""
     tl.static_assert(C == 1 << LOG_C, "the sub-block C must be 2^LOG_C rows")
     tl.static_assert(L % C == 0, "a chunk of L rows must be whole sub-blocks of C rows")
@@ -144,7 +146,8 @@ def backward_keys_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, dstates_ptr, dy_ptr,
     rows = J * C + tl.arange(0, C)
     r, k, g, v, dy = sub_block_tiles(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, base, rows, T, kcols, stride_t)
     dA_diag = tl.sum(dy * v, 1)                                            # dA[t, t]
-    A, dk, dg = pair_side(k, r, mm(dy, tl.trans(v), PREC), g, True, C, LOG_C, PREC, PIECES, DG_PIECES, MASK_PREC)
+    A, dk, dg = pair_side(k, r, mm(dy, tl.trans(v), PREC), g, table_ptr, True, C, LOG_C, PREC, PIECES, DG_PIECES,
+                          MASK_PREC, MASK_TABLE)
     v = load_rows_cached(v_ptr, base, rows, T, vcols, stride_t, ".cg")
     dy = load_rows_cached(dy_ptr, base, rows, T, vcols, stride_t, ".cg")
     u = tl.load(u_ptr + h * N + kcols)
@@ -171,29 +174,31 @@ def launch_backward_split(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw
 
 def launch_rows(r, k, v, w, u, s0, states, dstates, dy, dr, dg_rows, du_part, precisions, settings, L, varlen=None):
     """The rows kernel; dg_rows: float32, r's shape (its part of dg, for launch_keys)."""
-    grid, geometry, chunks, NC = split_geometry(r, precisions, settings, L, varlen)
+    grid, geometry, chunks, table, NC = split_geometry(r, precisions, settings, L, varlen)
     has_states = states.numel() > 0   # none when NC == 1
     backward_rows_kernel[grid](r, k, v, w, u, s0, states if has_states else None, dstates, dy, dr, dg_rows, du_part,
-                               chunks, r.shape[1], r.shape[2], NC, r.shape[2] * r.shape[3], **geometry,
+                               chunks, table, r.shape[1], r.shape[2], NC, r.shape[2] * r.shape[3], **geometry,
                                HAS_S0=s0 is not None, HAS_STATES=has_states,
                                **launch_options(settings.backward_split_for(r.shape[3])[0]))
 
 
 def launch_keys(r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, precisions, settings, L, varlen=None):
     """The keys kernel, after launch_rows has written dg_rows."""
-    grid, geometry, chunks, NC = split_geometry(r, precisions, settings, L, varlen)
-    backward_keys_kernel[grid](r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, chunks, r.shape[1], r.shape[2], NC,
+    grid, geometry, chunks, table, NC = split_geometry(r, precisions, settings, L, varlen)
+    backward_keys_kernel[grid](r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, chunks, table, r.shape[1], r.shape[2], NC,
                                r.shape[2] * r.shape[3], **geometry,
                                **launch_options(settings.backward_split_for(r.shape[3])[1]))
 
 
 def split_geometry(r, precisions, settings, L, varlen):
-    """(grid, the kernels' shared constexprs, the chunk table or None, NC) of a call on inputs shaped as r."""
+    """(grid, the kernels' shared constexprs, the chunk table or None, the level table or None, NC) of a call on
+    inputs shaped as r."""
     B, T, H, N = r.shape
     chunks, NC = launch_chunks(T, L, varlen)
     C = settings.sub_block
-    geometry = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions), VARLEN=varlen is not None)
-    return (B * H * NC * (L // C),), geometry, chunks, NC
+    geometry = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions), VARLEN=varlen is not None,
+                    MASK_TABLE=settings.mask_table)
+    return (B * H * NC * (L // C),), geometry, chunks, launch_table(settings, r.device), NC
 
 
 def launch_options(launch):

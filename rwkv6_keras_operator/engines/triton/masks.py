@@ -99,13 +99,80 @@ def piece_product(m, piece, X_FIRST: tl.constexpr, MASK_PREC: tl.constexpr):
 
 
 @triton.jit
+def mask_operand(mask, MASK_PREC: tl.constexpr):
+    """A boolean mask as the 0/1 first operand of a masked product."""
+    if MASK_PREC == "bf16":
+        return tl.where(mask, 1.0, 0.0).to(tl.bfloat16)     # straight to the product's operand type
+    else:
+        return mask.to(tl.float32)
+
+
+@triton.jit
 def masked_sum(mask, x, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
     """sum_m mask[t, m] x[m, :] for a 0/1 mask, exact in pieces (exact_product)."""
-    if MASK_PREC == "bf16":
-        m = tl.where(mask, 1.0, 0.0).to(tl.bfloat16)     # straight to the product's operand type
+    return exact_product(mask_operand(mask, MASK_PREC), x, False, PIECES, MASK_PREC)
+
+
+# The level table (Settings.mask_table): factor_mask and span_mask of every level h = 2^shift, shift = 1 .. LOG_C - 1,
+# as bfloat16 0/1 matrices, (LOG_C - 1, 2, C, C), written once per device and sub-block size by table_kernel from the
+# functions above. A chunk kernel then loads a level's masks (the same 2 KB for every program, from L1) instead of
+# building them from their row bounds in every warp.
+FACTOR = tl.constexpr(0)
+SPAN = tl.constexpr(1)
+
+
+@triton.jit
+def table_kernel(table_ptr, C: tl.constexpr):
+    """One program a level: its factor and span masks."""
+    i = tl.arange(0, C)
+    offs = i[:, None] * C + i[None, :]
+    level = table_ptr + tl.program_id(0) * 2 * C * C
+    shift = tl.program_id(0) + 1
+    tl.store(level + FACTOR * C * C + offs, mask_operand(factor_mask(C, shift), "bf16"))
+    tl.store(level + SPAN * C * C + offs, mask_operand(span_mask(C, shift), "bf16"))
+
+
+@triton.jit
+def level_mask(table_ptr, shift, KIND: tl.constexpr, C: tl.constexpr, MASK_PREC: tl.constexpr,
+               MASK_TABLE: tl.constexpr):
+    """The 0/1 operand of level 2^shift's factor_mask (KIND FACTOR) or span_mask (KIND SPAN): loaded from the level
+    table (MASK_TABLE) or built here."""
+    if MASK_TABLE:
+        i = tl.arange(0, C)
+        m = tl.load(table_ptr + ((shift - 1) * 2 + KIND) * C * C + i[:, None] * C + i[None, :])
+        if MASK_PREC != "bf16":
+            m = m.to(tl.float32)
+    elif KIND == FACTOR:
+        m = mask_operand(factor_mask(C, shift), MASK_PREC)
     else:
-        m = mask.to(tl.float32)
-    return exact_product(m, x, False, PIECES, MASK_PREC)
+        m = mask_operand(span_mask(C, shift), MASK_PREC)
+    return m
+
+
+_TABLES = {}
+
+
+def level_table(C, device):
+    """The level table for sub-blocks of C rows on `device` (a torch tensor, made at the first call and kept)."""
+    key = (C, str(device))
+    table = _TABLES.get(key)
+    if table is None:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("Settings.mask_table: the level table is written by a kernel of its own at the first "
+                               "call on a device, which a CUDA graph capture would only record; make one call "
+                               "before capturing")
+        levels = max(C.bit_length() - 2, 1)
+        table = torch.zeros((levels, 2, C, C), dtype=torch.bfloat16, device=device)
+        table_kernel[(C.bit_length() - 2,)](table, C=C)
+        _TABLES[key] = table
+    return table
+
+
+def launch_table(settings, device):
+    """The level table a chunk kernel reads with settings.mask_table (settings.Settings), else None."""
+    return level_table(settings.sub_block, device) if settings.mask_table else None
 
 
 @triton.jit

@@ -81,6 +81,8 @@ class Settings:
     segments: Optional[int] = None            # None: scan_segments(NC, programs)
     backward_split: bool = False              # the backward chunk kernel as two kernels, one a side of the pairs
                                               # (backward_split.py); `backward`, if given, launches both
+    mask_table: bool = False                  # the chunk kernels load each level's 0/1 masks from a table written
+                                              # once per device (masks.level_table) instead of building them
 
     def __post_init__(self):
         for name in ("chunk", "sub_block"):
@@ -92,8 +94,9 @@ class Settings:
             raise ValueError(f"Settings.chunk ({self.chunk}) must be a multiple of sub_block ({self.sub_block})")
         if self.segments is not None and (not isinstance(self.segments, int) or self.segments < 1):
             raise ValueError(f"Settings.segments must be a positive int or None; got {self.segments!r}")
-        if not isinstance(self.backward_split, bool):
-            raise ValueError(f"Settings.backward_split must be a bool; got {self.backward_split!r}")
+        for name in ("backward_split", "mask_table"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Settings.{name} must be a bool; got {getattr(self, name)!r}")
         # The settings as a string: a torch custom op takes tensors and scalars only, so the settings cross into
         # binding's ops as this string, which `from_key` reads back. Made once here, not at each call: a call under
         # torch.compile then reads a constant.

@@ -124,7 +124,7 @@ def capture():
     """Every kind of launch the operator's calls make on a GPU: each dtype with a start state, fixed length and
     packed, and the decode and pool steps; then in bfloat16: no start state, the other head sizes, both scan regimes
     (few rows x heads: tiles of 16 keys; many: 32; segments with their combine and fix-up kernels), chunks of two
-    sub-blocks, the split backward."""
+    sub-blocks, the split backward, the masks from the level table."""
     binding.precisions = gpu_precisions
     launches = record_launches()
     default, split = Settings(), Settings(backward_split=True)
@@ -143,6 +143,9 @@ def capture():
     for N in (64, 128):
         chunked_calls(1, 100, 2, N, "bfloat16", split)
     packed_calls(100, 2, 64, "bfloat16", split, [0, 5, 5, 40, 100])
+    for dtype in ("float32", "bfloat16"):                                       # the masks from the level table
+        chunked_calls(1, 100, 2, 64, dtype, Settings(mask_table=True))
+    chunked_calls(1, 100, 2, 64, "bfloat16", Settings(mask_table=True, backward_split=True))
     return launches
 
 
