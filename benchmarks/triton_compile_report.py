@@ -51,8 +51,8 @@ def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
         elif name.endswith("_ptr"):
             fp32 = name in ("u_ptr", "s0_ptr", "du_ptr", "dg_ptr") or (name in ("states_ptr", "dstates_ptr") and
                                                              dtype != "bfloat16")   # Precisions.states_dtype
-            signature[name] = "*" + ("i32" if name in ("chunks_ptr", "sequences_ptr") else "bf16" if name == "table_ptr" else
-                                     "fp32" if fp32 else TYPES[dtype])
+            signature[name] = "*" + ("i32" if name in ("chunks_ptr", "sequences_ptr") else
+                                     "bf16" if name == "table_ptr" else "fp32" if fp32 else TYPES[dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"

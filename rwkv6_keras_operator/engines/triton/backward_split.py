@@ -185,8 +185,8 @@ def launch_rows(r, k, v, w, u, s0, states, dstates, dy, dr, dg_rows, du_part, pr
 def launch_keys(r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, precisions, settings, L, varlen=None):
     """The keys kernel, after launch_rows has written dg_rows."""
     grid, geometry, chunks, table, NC = split_geometry(r, precisions, settings, L, varlen)
-    backward_keys_kernel[grid](r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, chunks, table, r.shape[1], r.shape[2], NC,
-                               r.shape[2] * r.shape[3], **geometry,
+    backward_keys_kernel[grid](r, k, v, w, u, dstates, dy, dg_rows, dk, dv, dw, chunks, table, r.shape[1], r.shape[2],
+                               NC, r.shape[2] * r.shape[3], **geometry,
                                **launch_options(settings.backward_split_for(r.shape[3])[1]))
 
 
