@@ -11,7 +11,7 @@ same channels, head size 128). Variants (launch settings of the backward chunk k
 2 programs of 8 warps an SM, twice the default's warps), split (the split's default launches), split168 (both kernels
 capped at 168 registers a thread: 3 programs of 4 warps an SM), split8w (8 warps); fused_table and split_table
 (fused and split with Settings.mask_table: every chunk kernel, the forward's too, loads the levels' masks from the
-level table instead of building them).
+level table instead of building them), split168_table (both).
 The timings: triton.testing.do_bench medians, bf16 inputs, u float32, random data (as gpu_torch.py); "bwd kernel"
 is backward.launch_backward alone (both kernels for a split), "rows" and "keys" each split kernel alone.
 Before timing, each variant's gradients are compared with the fused default's on the same inputs (relative L2;
@@ -51,7 +51,8 @@ def variants(N):
             "split168": Settings(backward_split=True, backward=BackwardLaunch(warps, 1, 168)),
             "split8w": Settings(backward_split=True, backward=BackwardLaunch(8, 1, None)),
             "fused_table": Settings(mask_table=True),
-            "split_table": Settings(backward_split=True, mask_table=True)}
+            "split_table": Settings(backward_split=True, mask_table=True),
+            "split168_table": Settings(backward_split=True, mask_table=True, backward=BackwardLaunch(warps, 1, 168))}
 
 
 def log(msg):
