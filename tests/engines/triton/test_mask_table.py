@@ -71,7 +71,8 @@ def test_packed_sequences(seed):
 def test_the_kernels_read_the_table(settings, monkeypatch):
     """The tests above would pass on built masks too: with the table's factor masks zeroed (every F_h = 1), the
     kernels that read it must miss the oracle."""
-    monkeypatch.setitem(masks._TABLES, (32, DEVICE), torch.zeros(4, 2, 32, 32, dtype=torch.bfloat16, device=DEVICE))
+    zeros = torch.zeros(4, 2, 32, 32, dtype=torch.bfloat16, device=DEVICE)
+    monkeypatch.setitem(masks._TABLES, (32, str(zeros.device)), zeros)   # the key of the kernels' device
     with pytest.raises(AssertionError):
         check(1, 64, 1, 16, "strong", n_state=1, settings=settings)
 
