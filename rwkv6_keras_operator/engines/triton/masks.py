@@ -115,7 +115,7 @@ def masked_sum(mask, x, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
 
 # The level table (Settings.mask_table): factor_mask and span_mask of every level h = 2^shift, shift = 1 .. LOG_C - 1,
 # as bfloat16 0/1 matrices, (LOG_C - 1, 2, C, C), written once per device and sub-block size by table_kernel from the
-# functions above. A chunk kernel then loads a level's masks (the same 2 KB for every program, from L1) instead of
+# functions above. A chunk kernel then loads a level's masks (the same 4 KB at C = 32 for every program, from L1) instead of
 # building them from their row bounds in every warp.
 FACTOR = tl.constexpr(0)
 SPAN = tl.constexpr(1)
@@ -163,9 +163,9 @@ def level_table(C, device):
             raise RuntimeError("Settings.mask_table: the level table is written by a kernel of its own at the first "
                                "call on a device, which a CUDA graph capture would only record; make one call "
                                "before capturing")
-        levels = max(C.bit_length() - 2, 1)
-        table = torch.zeros((levels, 2, C, C), dtype=torch.bfloat16, device=device)
-        table_kernel[(C.bit_length() - 2,)](table, C=C)
+        levels = C.bit_length() - 2                # shift = 1 .. LOG_C - 1 (Settings: C >= 16)
+        table = torch.empty((levels, 2, C, C), dtype=torch.bfloat16, device=device)
+        table_kernel[(levels,)](table, C=C)
         _TABLES[key] = table
     return table
 
