@@ -52,7 +52,7 @@ def compile_report(fn, dtype, constexprs, warps, stages, maxnreg=None):
             fp32 = name in ("u_ptr", "s0_ptr", "du_ptr", "dg_ptr") or (name in ("states_ptr", "dstates_ptr") and
                                                              dtype != "bfloat16")   # Precisions.states_dtype
             signature[name] = "*" + ("i32" if name in ("chunks_ptr", "sequences_ptr") else
-                                     "bf16" if name == "table_ptr" else "fp32" if fp32 else TYPES[dtype])
+                                     "bf16" if name == "levels_ptr" else "fp32" if fp32 else TYPES[dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
@@ -145,7 +145,7 @@ def main():
         # as the benchmark's calls: no start state, several chunks (the stored chunk states)
         common = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **p, HAS_S0=False, s0_ptr=None, HAS_STATES=True,
                       VARLEN=varlen, MASK_TABLE=table, **({} if varlen else {"chunks_ptr": None}),
-                      **({} if table else {"table_ptr": None}))
+                      **({} if table else {"levels_ptr": None}))
         for warps in warps_list:
             for name in names:
                 fn, extra, stages = kernels[name]

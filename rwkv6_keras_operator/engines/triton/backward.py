@@ -33,14 +33,14 @@ import triton.language as tl
 from .common import (G_ZERO, chunk_rows, exp, g_rows, launch_chunks, load_rows, load_rows_cached, mm,
                      precision_args, store_rows)
 from .levels import pair_grads, pre_factor, suf_factor
-from .masks import after_mask, before_mask, launch_table, masked_sum
+from .masks import after_mask, before_mask, level_table_for, masked_sum
 from .backward_split import launch_backward_split, launch_options, sub_block_end_grad
 from .sub_blocks import sub_block, sub_block_start
 
 
 @triton.jit
 def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstates_ptr, dy_ptr,
-                    dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr, chunks_ptr, table_ptr,
+                    dr_ptr, dk_ptr, dv_ptr, dw_ptr, du_ptr, chunks_ptr, levels_ptr,
                     T, H, NC, stride_t,
                     N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
                     STATE_PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
@@ -65,7 +65,7 @@ def backward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstat
     v = load_rows(v_ptr, base, rows, T, vcols, stride_t)
     dy = load_rows(dy_ptr, base, rows, T, vcols, stride_t)
     dA_diag = tl.sum(dy * v, 1)                                            # dA[t, t]
-    A, dr, dk, dg = pair_grads(r, k, mm(dy, tl.trans(v), PREC), g, table_ptr, C, LOG_C, PREC, PIECES, DG_PIECES,
+    A, dr, dk, dg = pair_grads(r, k, mm(dy, tl.trans(v), PREC), g, levels_ptr, C, LOG_C, PREC, PIECES, DG_PIECES,
                                MASK_PREC, MASK_TABLE)
     # v and dy again, from L2 (a load of its own): not held in registers through the levels
     v = load_rows_cached(v_ptr, base, rows, T, vcols, stride_t, ".cg")
@@ -110,7 +110,7 @@ def launch_backward(r, k, v, w, u, s0, states, dstates, dy, dr, dk, dv, dw, du_p
     grid = (B * H * NC * (L // C),)
     has_states = states.numel() > 0   # none when NC == 1
     backward_kernel[grid](r, k, v, w, u, s0, states if has_states else None, dstates, dy,
-                          dr, dk, dv, dw, du_part, chunks, launch_table(settings, r.device), T, H, NC, H * N,
+                          dr, dk, dv, dw, du_part, chunks, level_table_for(settings, r.device), T, H, NC, H * N,
                           N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions),
                           HAS_S0=s0 is not None, HAS_STATES=has_states, VARLEN=varlen is not None,
                           MASK_TABLE=settings.mask_table,

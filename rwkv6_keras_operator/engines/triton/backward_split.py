@@ -24,7 +24,7 @@ import triton.language as tl
 from .common import (G_ZERO, chunk_rows, exp, g_rows, launch_chunks, load_rows, load_rows_cached, mm,
                      precision_args, store_rows)
 from .levels import level_factor, level_span_sum, pre_factor, suf_factor
-from .masks import after_mask, before_mask, launch_table, masked_sum, pair_mask
+from .masks import after_mask, before_mask, level_table_for, masked_sum, pair_mask
 from .sub_blocks import step_over, sub_block, sub_block_start
 
 
@@ -40,7 +40,7 @@ def sub_block_tiles(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, base, rows, T, kcols, st
 
 
 @triton.jit
-def pair_side(own, other, dA, g, table_ptr, KEYS: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
+def pair_side(own, other, dA, g, levels_ptr, KEYS: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
               PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
               MASK_TABLE: tl.constexpr):
     """One side of levels.pair_grads. KEYS False: own = r, other = k, the rows t of each pair:
@@ -60,12 +60,12 @@ def pair_side(own, other, dA, g, table_ptr, KEYS: tl.constexpr, C: tl.constexpr,
         dA_h = tl.where(p, dA, 0.0)
         if KEYS:
             dA_h = tl.trans(dA_h)
-        F = level_factor(g, shift, table_ptr, C, PIECES, MASK_PREC, MASK_TABLE)   # pre_h on rows t, suf_h on rows s
+        F = level_factor(g, shift, levels_ptr, C, PIECES, MASK_PREC, MASK_TABLE)   # pre_h on rows t, suf_h on rows s
         oq = other * F
         if KEYS:
             A += tl.where(p, mm(oq, tl.trans(own * F), PREC), 0.0)
         part = mm(dA_h, oq, PREC) * F                       # non-zero on this side's half of each block only
-        dg += level_span_sum(own * part, shift, table_ptr, C, DG_PIECES, MASK_PREC, MASK_TABLE)
+        dg += level_span_sum(own * part, shift, levels_ptr, C, DG_PIECES, MASK_PREC, MASK_TABLE)
         d_own += part
     return A, d_own, dg
 
@@ -85,7 +85,7 @@ def sub_block_end_grad(dstates_ptr, r_ptr, dy_ptr, w_ptr, bh, c, J, NC, base, T,
 
 @triton.jit
 def backward_rows_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, dstates_ptr, dy_ptr,
-                         dr_ptr, dg_ptr, du_ptr, chunks_ptr, table_ptr,
+                         dr_ptr, dg_ptr, du_ptr, chunks_ptr, levels_ptr,
                          T, H, NC, stride_t,
                          N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
                          STATE_PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr,
@@ -107,7 +107,7 @@ def backward_rows_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, 
     rows = J * C + tl.arange(0, C)
     r, k, g, v, dy = sub_block_tiles(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, base, rows, T, kcols, stride_t)
     dA_diag = tl.sum(dy * v, 1)                                            # dA[t, t]
-    _, dr, dg = pair_side(r, k, mm(dy, tl.trans(v), PREC), g, table_ptr, False, C, LOG_C, PREC, PIECES, DG_PIECES,
+    _, dr, dg = pair_side(r, k, mm(dy, tl.trans(v), PREC), g, levels_ptr, False, C, LOG_C, PREC, PIECES, DG_PIECES,
                           MASK_PREC, MASK_TABLE)
     dy = load_rows_cached(dy_ptr, base, rows, T, vcols, stride_t, ".cg")   # again, not held through the levels
     u = tl.load(u_ptr + h * N + kcols)
@@ -126,7 +126,7 @@ def backward_rows_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, 
 
 @triton.jit
 def backward_keys_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, dstates_ptr, dy_ptr, dg_ptr,
-                         dk_ptr, dv_ptr, dw_ptr, chunks_ptr, table_ptr,
+                         dk_ptr, dv_ptr, dw_ptr, chunks_ptr, levels_ptr,
                          T, H, NC, stride_t,
                          N: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
                          STATE_PREC: tl.constexpr, PIECES: tl.constexpr, DG_PIECES: tl.constexpr,
@@ -146,7 +146,7 @@ def backward_keys_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, dstates_ptr, dy_ptr,
     rows = J * C + tl.arange(0, C)
     r, k, g, v, dy = sub_block_tiles(r_ptr, k_ptr, v_ptr, w_ptr, dy_ptr, base, rows, T, kcols, stride_t)
     dA_diag = tl.sum(dy * v, 1)                                            # dA[t, t]
-    A, dk, dg = pair_side(k, r, mm(dy, tl.trans(v), PREC), g, table_ptr, True, C, LOG_C, PREC, PIECES, DG_PIECES,
+    A, dk, dg = pair_side(k, r, mm(dy, tl.trans(v), PREC), g, levels_ptr, True, C, LOG_C, PREC, PIECES, DG_PIECES,
                           MASK_PREC, MASK_TABLE)
     v = load_rows_cached(v_ptr, base, rows, T, vcols, stride_t, ".cg")
     dy = load_rows_cached(dy_ptr, base, rows, T, vcols, stride_t, ".cg")
@@ -198,7 +198,7 @@ def split_geometry(r, precisions, settings, L, varlen):
     C = settings.sub_block
     geometry = dict(N=N, L=L, C=C, LOG_C=C.bit_length() - 1, **precision_args(precisions), VARLEN=varlen is not None,
                     MASK_TABLE=settings.mask_table)
-    return (B * H * NC * (L // C),), geometry, chunks, launch_table(settings, r.device), NC
+    return (B * H * NC * (L // C),), geometry, chunks, level_table_for(settings, r.device), NC
 
 
 def launch_options(launch):

@@ -17,12 +17,12 @@ import triton.language as tl
 
 from .common import chunk_rows, g_rows, launch_chunks, load_rows, mm, precision_args, store_rows
 from .levels import pair_scores, pre_factor
-from .masks import launch_table
+from .masks import level_table_for
 from .sub_blocks import sub_block, sub_block_start
 
 
 @triton.jit
-def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr, chunks_ptr, table_ptr,
+def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr, chunks_ptr, levels_ptr,
                    T, H, NC, stride_t,
                    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, C: tl.constexpr, LOG_C: tl.constexpr,
                    PREC: tl.constexpr, STATE_PREC: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
@@ -44,7 +44,7 @@ def forward_kernel(r_ptr, k_ptr, v_ptr, w_ptr, u_ptr, s0_ptr, states_ptr, y_ptr,
     r = load_rows(r_ptr, base, rows, T, kcols, stride_t)
     k = load_rows(k_ptr, base, rows, T, kcols, stride_t)
     g = g_rows(w_ptr, base, rows, idx >= 0, T, kcols, stride_t)          # 0 past T: decay 1
-    A = pair_scores(r, k, g, table_ptr, C, LOG_C, PREC, PIECES, MASK_PREC, MASK_TABLE)
+    A = pair_scores(r, k, g, levels_ptr, C, LOG_C, PREC, PIECES, MASK_PREC, MASK_TABLE)
     u = tl.load(u_ptr + h * N + kcols)
     bonus = tl.sum(r * u[None, :] * k, 1)
     rq = r * pre_factor(g, LOG_C, C, PIECES, MASK_PREC)
@@ -67,8 +67,8 @@ def launch_forward(r, k, v, w, u, s0, states, y, precisions, settings, L, varlen
     BV = launch.block_v
     grid = (B * H * NC * (L // C), N // BV)
     has_states = states.numel() > 0   # none when NC == 1
-    forward_kernel[grid](r, k, v, w, u, s0, states if has_states else None, y, chunks, launch_table(settings, r.device),
-                         T, H, NC, H * N,
+    forward_kernel[grid](r, k, v, w, u, s0, states if has_states else None, y, chunks,
+                         level_table_for(settings, r.device), T, H, NC, H * N,
                          N=N, BV=BV, L=L, C=C, LOG_C=C.bit_length() - 1,
                          **precision_args(precisions, "PREC", "STATE_PREC", "PIECES", "MASK_PREC"),
                          HAS_S0=s0 is not None, HAS_STATES=has_states, VARLEN=varlen is not None,

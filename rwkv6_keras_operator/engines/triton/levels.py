@@ -24,18 +24,18 @@ from .masks import FACTOR, SPAN, after_mask, before_mask, exact_product, level_m
 
 
 @triton.jit
-def level_factor(g, shift, table_ptr, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
+def level_factor(g, shift, levels_ptr, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
                  MASK_TABLE: tl.constexpr):
     """F_h for h = 2^shift (C x N, every factor <= 1): exp(pre_h) on lower-half rows, exp(suf_h) on upper-half rows."""
-    return exp(exact_product(level_mask(table_ptr, shift, FACTOR, C, MASK_PREC, MASK_TABLE), g, False, PIECES,
+    return exp(exact_product(level_mask(levels_ptr, shift, FACTOR, C, MASK_PREC, MASK_TABLE), g, False, PIECES,
                              MASK_PREC))
 
 
 @triton.jit
-def level_span_sum(x, shift, table_ptr, C: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
+def level_span_sum(x, shift, levels_ptr, C: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr,
                    MASK_TABLE: tl.constexpr):
     """dg's part of level 2^shift from its terms x (C x N): sum_q span_mask[m, q] x[q, :], exact in pieces."""
-    return exact_product(level_mask(table_ptr, shift, SPAN, C, MASK_PREC, MASK_TABLE), x, False, DG_PIECES, MASK_PREC)
+    return exact_product(level_mask(levels_ptr, shift, SPAN, C, MASK_PREC, MASK_TABLE), x, False, DG_PIECES, MASK_PREC)
 
 
 @triton.jit
@@ -52,18 +52,18 @@ def suf_factor(g, shift, C: tl.constexpr, PIECES: tl.constexpr, MASK_PREC: tl.co
 
 
 @triton.jit
-def pair_scores(r, k, g, table_ptr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
+def pair_scores(r, k, g, levels_ptr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
                 PIECES: tl.constexpr, MASK_PREC: tl.constexpr, MASK_TABLE: tl.constexpr):
     """A[t, s] = sum_i r_t[i] k_s[i] W[t, s, i] for s < t, 0 on and above the diagonal (C x C)."""
     A = tl.where(pair_mask(C, 0), mm(r, tl.trans(k), PREC), 0.0)
     for shift in tl.static_range(1, LOG_C):
-        F = level_factor(g, shift, table_ptr, C, PIECES, MASK_PREC, MASK_TABLE)
+        F = level_factor(g, shift, levels_ptr, C, PIECES, MASK_PREC, MASK_TABLE)
         A += tl.where(pair_mask(C, shift), mm(r * F, tl.trans(k * F), PREC), 0.0)
     return A
 
 
 @triton.jit
-def pair_grads(r, k, dA, g, table_ptr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
+def pair_grads(r, k, dA, g, levels_ptr, C: tl.constexpr, LOG_C: tl.constexpr, PREC: tl.constexpr,
                PIECES: tl.constexpr, DG_PIECES: tl.constexpr, MASK_PREC: tl.constexpr, MASK_TABLE: tl.constexpr):
     """The pairs' parts of the backward, level by level, with dA[t, s] = dy_t . v_s:
 
@@ -81,14 +81,14 @@ def pair_grads(r, k, dA, g, table_ptr, C: tl.constexpr, LOG_C: tl.constexpr, PRE
     for shift in range(1, LOG_C):
         p = pair_mask(C, shift)
         dA_h = tl.where(p, dA, 0.0)
-        F = level_factor(g, shift, table_ptr, C, PIECES, MASK_PREC, MASK_TABLE)   # pre_h on rows t, suf_h on rows s
+        F = level_factor(g, shift, levels_ptr, C, PIECES, MASK_PREC, MASK_TABLE)   # pre_h on rows t, suf_h on rows s
         rq = r * F
         kq = k * F
         A += tl.where(p, mm(rq, tl.trans(kq), PREC), 0.0)
         part_r = mm(dA_h, kq, PREC) * F                      # non-zero on lower halves only (rows t)
         part_k = mm(tl.trans(dA_h), rq, PREC) * F            # on upper halves only (rows s)
         # r * part_r lives on the lower halves, k * part_k on the upper halves: one masked sum takes both
-        dg += level_span_sum(r * part_r + k * part_k, shift, table_ptr, C, DG_PIECES, MASK_PREC, MASK_TABLE)
+        dg += level_span_sum(r * part_r + k * part_k, shift, levels_ptr, C, DG_PIECES, MASK_PREC, MASK_TABLE)
         dr += part_r
         dk += part_k
     return A, dr, dk, dg

@@ -114,32 +114,32 @@ def masked_sum(mask, x, PIECES: tl.constexpr, MASK_PREC: tl.constexpr):
 
 
 # The level table (Settings.mask_table): factor_mask and span_mask of every level h = 2^shift, shift = 1 .. LOG_C - 1,
-# as bfloat16 0/1 matrices, (LOG_C - 1, 2, C, C), written once per device and sub-block size by table_kernel from the
-# functions above. A chunk kernel then loads a level's masks (the same 4 KB at C = 32 for every program, from L1) instead of
-# building them from their row bounds in every warp.
+# as bfloat16 0/1 matrices, (LOG_C - 1, 2, C, C), written once per device and sub-block size by level_table_kernel from
+# the functions above. A chunk kernel then loads a level's masks (the same 4 KB at C = 32 for every program, from L1)
+# instead of building them from their row bounds in every warp.
 FACTOR = tl.constexpr(0)
 SPAN = tl.constexpr(1)
 
 
 @triton.jit
-def table_kernel(table_ptr, C: tl.constexpr):
+def level_table_kernel(levels_ptr, C: tl.constexpr):
     """One program a level: its factor and span masks."""
     i = tl.arange(0, C)
     offs = i[:, None] * C + i[None, :]
-    level = table_ptr + tl.program_id(0) * 2 * C * C
+    level = levels_ptr + tl.program_id(0) * 2 * C * C
     shift = tl.program_id(0) + 1
     tl.store(level + FACTOR * C * C + offs, mask_operand(factor_mask(C, shift), "bf16"))
     tl.store(level + SPAN * C * C + offs, mask_operand(span_mask(C, shift), "bf16"))
 
 
 @triton.jit
-def level_mask(table_ptr, shift, KIND: tl.constexpr, C: tl.constexpr, MASK_PREC: tl.constexpr,
+def level_mask(levels_ptr, shift, KIND: tl.constexpr, C: tl.constexpr, MASK_PREC: tl.constexpr,
                MASK_TABLE: tl.constexpr):
     """The 0/1 operand of level 2^shift's factor_mask (KIND FACTOR) or span_mask (KIND SPAN): loaded from the level
     table (MASK_TABLE) or built here."""
     if MASK_TABLE:
         i = tl.arange(0, C)
-        m = tl.load(table_ptr + ((shift - 1) * 2 + KIND) * C * C + i[:, None] * C + i[None, :])
+        m = tl.load(levels_ptr + ((shift - 1) * 2 + KIND) * C * C + i[:, None] * C + i[None, :])
         if MASK_PREC != "bf16":
             m = m.to(tl.float32)
     elif KIND == FACTOR:
@@ -165,12 +165,12 @@ def level_table(C, device):
                                "before capturing")
         levels = C.bit_length() - 2                # shift = 1 .. LOG_C - 1 (Settings: C >= 16)
         table = torch.empty((levels, 2, C, C), dtype=torch.bfloat16, device=device)
-        table_kernel[(levels,)](table, C=C)
+        level_table_kernel[(levels,)](table, C=C)
         _TABLES[key] = table
     return table
 
 
-def launch_table(settings, device):
+def level_table_for(settings, device):
     """The level table a chunk kernel reads with settings.mask_table (settings.Settings), else None."""
     return level_table(settings.sub_block, device) if settings.mask_table else None
 
