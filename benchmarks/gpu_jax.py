@@ -76,9 +76,12 @@ VARIANT_CONFIGS = {
     "fused-s3": {"state_scan_stages": 3},
     "long-scan16": {"scan_terms_block": 16, "scan_terms_warps": 2, "shape": "long"},   # more programs, plain scan
     "long-scan8": {"scan_terms_block": 8, "scan_terms_warps": 1, "shape": "long"},
+    # the chunk kernels' level masks loaded from the level table (masks.level_table) instead of built
+    "mask-table": {"mask_table": True},
+    "mask-table-long": {"mask_table": True, "shape": "long"},
     # the step kernel's launch geometry (decode): benchmarks/serving.py --variants (recurrent.STEP)
 }
-DEFAULT_VARIANTS = "tf32-products,warps8"
+DEFAULT_VARIANTS = "mask-table,mask-table-long"
 RESULTS = {"date": time.strftime("%Y-%m-%d"), "check": [], "ours": {}, "variants": {}, "kernels": {}, "peers": {},
            "errors": []}
 T0 = time.time()

@@ -39,17 +39,17 @@ from .levels import load_keys, pair_grads
 KEY_BLOCK = 64
 
 
-def backward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref, table_ref,
+def backward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref, table_ref, levels_ref,
                     dr_ref, dk_ref, dv_ref, dw_ref, du_ref, *, T, L, N, precisions):
     def du_zero(c, h, b):   # an unused chunk of packed sequences has no rows to write, but du's rows are summed
         common.store(du_ref.at[b, h, c, common.ds(0, N)], jnp.zeros((N,), jnp.float32))
 
     common.chunk_program(table_ref, functools.partial(
-        _chunk_gradients, r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref, table_ref,
+        _chunk_gradients, r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref, table_ref, levels_ref,
         dr_ref, dk_ref, dv_ref, dw_ref, du_ref, T=T, L=L, N=N, precisions=precisions), du_zero)
 
 
-def _chunk_gradients(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref, table_ref,
+def _chunk_gradients(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dstates_ref, table_ref, levels_ref,
                      dr_ref, dk_ref, dv_ref, dw_ref, du_ref, c, h, b, *, T, L, N, precisions):
     rows, valid = common.rows_of(c, L, T, table_ref)
     prec, sprec, mprec = precisions.prec, precisions.state_prec, precisions.mask_prec
@@ -69,7 +69,7 @@ def _chunk_gradients(r_ref, k_ref, v_ref, w_ref, u_ref, dy_ref, states_ref, dsta
     dvs = [None] * nv
     for i in range(nk):
         kcols = common.ds(i * ksize, ksize)
-        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, precisions, r_ref=r_ref)
+        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, precisions, r_ref=r_ref, levels_ref=levels_ref)
         u = common.load(u_ref.at[b, h, kcols])[None, :]
         A, dr, dk, dg = pair_grads(kb, dA, A, precisions)
         bonus = common.add(bonus, jnp.sum(kb.r * u * kb.k, axis=1, keepdims=True))
@@ -105,7 +105,8 @@ def launch_backward(r, k, v, w, u, dy, states, dstates, *, L, precisions, settin
     kernel = functools.partial(backward_kernel, T=T, L=L, N=N, precisions=precisions)
     like = jax.ShapeDtypeStruct(r.shape, r.dtype)
     return common.launch(
-        kernel, (r, k, v, w, u, dy, states, dstates, table), grid=(NC, H, B),
+        kernel, (r, k, v, w, u, dy, states, dstates, table, masks.level_table(L) if settings.mask_table else None),
+        grid=(NC, H, B),
         num_warps=settings.chunk_warps(settings.backward_warps, N, r.dtype), num_stages=1, name="wkv6_backward",
         out_shape=(like, like, like, like, jax.ShapeDtypeStruct((B, H, NC, N), jnp.float32)),
     )

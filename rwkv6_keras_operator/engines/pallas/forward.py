@@ -14,23 +14,26 @@ import functools
 
 import jax
 
-from . import common
+from . import common, masks
 from .levels import bonus_scores, load_keys, pair_scores
 
 
-def forward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, table_ref, y_ref, *, T, L, N, precisions):
+def forward_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, table_ref, levels_ref, y_ref, *, T, L, N,
+                   precisions):
     # an unused chunk of packed sequences has no rows: nothing to write
     common.chunk_program(table_ref, functools.partial(_chunk_outputs, r_ref, k_ref, v_ref, w_ref, u_ref, states_ref,
-                                                      table_ref, y_ref, T=T, L=L, N=N, precisions=precisions))
+                                                      table_ref, levels_ref, y_ref, T=T, L=L, N=N,
+                                                      precisions=precisions))
 
 
-def _chunk_outputs(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, table_ref, y_ref, c, h, b, *, T, L, N, precisions):
+def _chunk_outputs(r_ref, k_ref, v_ref, w_ref, u_ref, states_ref, table_ref, levels_ref, y_ref, c, h, b, *, T, L, N,
+                   precisions):
     rows, valid = common.rows_of(c, L, T, table_ref)
     size, n = common.blocks(N)
     blocks, us, rq = [], [], []
     for i in range(n):
         kcols = common.ds(i * size, size)
-        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, precisions, r_ref=r_ref)
+        kb = load_keys(k_ref, w_ref, b, h, rows, valid, kcols, L, precisions, r_ref=r_ref, levels_ref=levels_ref)
         blocks.append(kb)
         us.append(common.load(u_ref.at[b, h, kcols])[None, :])
         rq.append(kb.r * kb.pre_factor())
@@ -53,7 +56,8 @@ def launch_forward(r, k, v, w, u, states, *, L, precisions, settings, table=None
     B, T, H, N = r.shape
     kernel = functools.partial(forward_kernel, T=T, L=L, N=N, precisions=precisions)
     return common.launch(
-        kernel, (r, k, v, w, u, states, table), grid=(common.num_chunks(T, L, table), H, B),
+        kernel, (r, k, v, w, u, states, table, masks.level_table(L) if settings.mask_table else None),
+        grid=(common.num_chunks(T, L, table), H, B),
         num_warps=settings.chunk_warps(settings.forward_warps, N, r.dtype), num_stages=settings.forward_stages,
         name="wkv6_forward", out_shape=jax.ShapeDtypeStruct(r.shape, r.dtype),
     )

@@ -23,14 +23,16 @@ from . import common, masks
 class ChunkKeys:
     """r, k, g of one key block of one chunk, with the decay factors built on demand."""
 
-    def __init__(self, r, k, g, L, precisions):
+    def __init__(self, r, k, g, L, precisions, levels_ref=None):
         self.r, self.k, self.g, self.L = r, k, g, L
+        self.levels_ref = levels_ref   # the level table (masks.level_table, Settings.mask_table) or None
         self.mask_prec = precisions.mask_prec
         self.parts = masks.bf16_pieces(g, precisions.pieces)   # the bits of g its decay sums use
 
     def level_factor(self, shift):
         """F_h for h = 2**shift >= 2 (L, BK): exp(pre_h) on lower-half rows, exp(suf_h) on upper-half rows."""
-        return common.exp(masks.masked_sum(masks.factor_mask(self.L, shift), self.parts, self.mask_prec))
+        return common.exp(masks.masked_sum(masks.level_mask(self.L, shift, masks.FACTOR, self.levels_ref), self.parts,
+                                           self.mask_prec))
 
     def pre_factor(self):
         """exp(sum_{m<t} g_m): the decay from the chunk start to just before t."""
@@ -50,12 +52,13 @@ class ChunkKeys:
         return common.exp(jnp.sum(self.g, axis=0, keepdims=True))
 
 
-def load_keys(k_ref, w_ref, b, h, rows, valid, cols, L, precisions, r_ref=None):
-    """ChunkKeys for one key block: k rows (and r rows if given), g = 0 on padding rows."""
+def load_keys(k_ref, w_ref, b, h, rows, valid, cols, L, precisions, r_ref=None, levels_ref=None):
+    """ChunkKeys for one key block: k rows (and r rows if given), g = 0 on padding rows; levels_ref: the level table
+    its level factors read, or None."""
     key = common.load(k_ref.at[b, rows, h, cols], valid)
     g = jnp.where(valid, common.log_decay(common.load(w_ref.at[b, rows, h, cols], valid)), 0.0)
     r = key if r_ref is None else common.load(r_ref.at[b, rows, h, cols], valid)
-    return ChunkKeys(r, key, g, L, precisions)
+    return ChunkKeys(r, key, g, L, precisions, levels_ref)
 
 
 def level_loop(L, body, carry, unroll):
@@ -116,7 +119,7 @@ def pair_grads(kb, dA, A, precisions):
         part_r = common.mm(dA_h, kq, prec) * F            # non-zero on lower halves only (rows t)
         part_k = common.mm(dA_h, rq, prec, ta=True) * F   # on upper halves only (rows s)
         # r * part_r lives on lower halves, k * part_k on upper halves: one masked sum takes both.
-        dg = dg + masks.masked_sum(masks.span_mask(L, shift),
+        dg = dg + masks.masked_sum(masks.level_mask(L, shift, masks.SPAN, kb.levels_ref),
                                    masks.bf16_pieces(kb.r * part_r + kb.k * part_k, precisions.dg_pieces),
                                    precisions.mask_prec)
         return A, dr + part_r, dk + part_k, dg

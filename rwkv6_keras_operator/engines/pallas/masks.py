@@ -66,6 +66,26 @@ def span_mask(L, shift):
     return in_range(L, *span_bounds(L, shift), rows=False)
 
 
+# The level table (Settings.mask_table): factor_mask and span_mask of every level h = 2**shift, shift = 1 .. K - 1, as
+# bfloat16 0/1 matrices (K - 1, 2, L, L), built by level_table from the functions above outside the kernels (a
+# constant of the traced program) and passed to the chunk kernels, which then load a level's masks instead of building
+# them from their row bounds in every warp.
+FACTOR, SPAN = 0, 1
+
+
+def level_table(L):
+    return jnp.stack([jnp.stack([factor_mask(L, shift), span_mask(L, shift)]) for shift in range(1, log2(L))]
+                     ).astype(BF16)
+
+
+def level_mask(L, shift, kind, levels_ref):
+    """The 0/1 matrix of level 2**shift's factor_mask (kind FACTOR) or span_mask (kind SPAN): loaded from the level
+    table (levels_ref, a ref to level_table(L)) or, with None, built here."""
+    if levels_ref is not None:
+        return levels_ref[shift - 1, kind]
+    return (factor_mask if kind == FACTOR else span_mask)(L, shift)
+
+
 def bf16_pieces(x, pieces):
     """bfloat16 tiles whose sum is the float32 tile x: 3 pieces carry all 24 bits (exact), 2 carry 16, 1 carries 8
     (shared.Precisions.pieces and dg_pieces)."""

@@ -33,12 +33,16 @@ class Settings:
     state_terms_warps: int = 4
     scan_terms_block: int = 32           # value columns a scan_terms program
     scan_terms_warps: int = 4
+    # the chunk kernels load each level's 0/1 masks from a table (masks.level_table) instead of building them
+    mask_table: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "low_precision", Precision(self.low_precision))   # a Precision or its value
         if not isinstance(self.chunk, int) or self.chunk < 16 or self.chunk & (self.chunk - 1):
             raise ValueError(f"Settings.chunk must be a power of two >= 16 (the side of a tile product); "
                              f"got {self.chunk!r}")
+        if not isinstance(self.mask_table, bool):
+            raise ValueError(f"Settings.mask_table must be a bool; got {self.mask_table!r}")
 
     def chunk_length(self, T):
         """L for T tokens: `chunk`, or the power of two >= T for a shorter sequence, at least 16 (the smallest side

@@ -36,6 +36,12 @@ def test_every_kernel_lowers_to_triton(N, dtype, chunk, low_precision, state_sca
         assert "tf32x3" in modules["wkv6_forward"], "float32 inputs must use float32-accurate products"
 
 
+def arguments(ir, name):
+    """The number of arguments of kernel `name` in its Triton IR."""
+    header = re.search(rf"tt\.func public @{name}\(([^)]*)\)", ir).group(1)
+    return len(re.findall(r"%arg\d+", header))
+
+
 def products(ir):
     """How the tile products of a kernel multiply: "bf16"/"f16" for 16-bit operands, else the float32 operands'
     input precision ("tf32x3", "tf32", "ieee")."""
@@ -112,3 +118,21 @@ def test_packed_kernels_lower_and_compile(state_scan):
         assert 0 <= r["smem"] <= HOPPER_SMEM, r
         if r["kernel"] in ("wkv6_forward", "wkv6_backward") and "mma" in r:
             assert r["mma"] > 0, f"no tensor-core instructions: {r}"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_level_table_kernels_lower_and_compile(dtype):
+    """With Settings.mask_table the chunk kernels read the level table (a bfloat16 input loaded at a traced level):
+    they lower and (with the triton package) compile for Hopper within its shared memory, on tensor cores."""
+    modules = report.capture(64, dtype, 32, T=2 * 32 + 3, mask_table=True)
+    built = report.capture(64, dtype, 32, T=2 * 32 + 3)
+    chunk_kernels = {name: ir for name, ir in modules.items() if name in ("wkv6_forward", "wkv6_backward")}
+    assert len(chunk_kernels) == 2
+    for name, ir in chunk_kernels.items():   # the table is one more input than the built masks take
+        assert arguments(ir, name) == arguments(built[name], name) + 1, name
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("lowered; the triton package compiles the IR, and it is not installed")
+    for r in report.compile_reports(chunk_kernels, N=64, dtype=dtype):
+        assert 0 <= r["smem"] <= HOPPER_SMEM, r
+        if "mma" in r:
+            assert r["mma"] > 0 and r["registers"] <= 255, r
