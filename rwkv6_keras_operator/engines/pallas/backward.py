@@ -105,7 +105,7 @@ def launch_backward(r, k, v, w, u, dy, states, dstates, *, L, precisions, settin
     kernel = functools.partial(backward_kernel, T=T, L=L, N=N, precisions=precisions)
     like = jax.ShapeDtypeStruct(r.shape, r.dtype)
     return common.launch(
-        kernel, (r, k, v, w, u, dy, states, dstates, table, masks.level_table(L) if settings.mask_table else None),
+        kernel, (r, k, v, w, u, dy, states, dstates, table, masks.level_table_for(settings, L)),
         grid=(NC, H, B),
         num_warps=settings.chunk_warps(settings.backward_warps, N, r.dtype), num_stages=1, name="wkv6_backward",
         out_shape=(like, like, like, like, jax.ShapeDtypeStruct((B, H, NC, N), jnp.float32)),

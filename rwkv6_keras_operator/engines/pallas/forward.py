@@ -56,7 +56,7 @@ def launch_forward(r, k, v, w, u, states, *, L, precisions, settings, table=None
     B, T, H, N = r.shape
     kernel = functools.partial(forward_kernel, T=T, L=L, N=N, precisions=precisions)
     return common.launch(
-        kernel, (r, k, v, w, u, states, table, masks.level_table(L) if settings.mask_table else None),
+        kernel, (r, k, v, w, u, states, table, masks.level_table_for(settings, L)),
         grid=(common.num_chunks(T, L, table), H, B),
         num_warps=settings.chunk_warps(settings.forward_warps, N, r.dtype), num_stages=settings.forward_stages,
         name="wkv6_forward", out_shape=jax.ShapeDtypeStruct(r.shape, r.dtype),

@@ -78,6 +78,11 @@ def level_table(L):
                      ).astype(BF16)
 
 
+def level_table_for(settings, L):
+    """The level table the chunk kernels read with settings.mask_table (settings.Settings), else None."""
+    return level_table(L) if settings.mask_table else None
+
+
 def level_mask(L, shift, kind, levels_ref):
     """The 0/1 matrix of level 2**shift's factor_mask (kind FACTOR) or span_mask (kind SPAN): loaded from the level
     table (levels_ref, a ref to level_table(L)) or, with None, built here."""
